@@ -1,0 +1,3 @@
+"""ltbench: reproducible long-tailed recognition benchmarks."""
+
+__version__ = "0.1.0"

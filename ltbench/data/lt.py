@@ -1,0 +1,66 @@
+"""Long-tail subset construction: pure functions of (labels, counts, seed), no global RNG."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def lt_counts(n_max: int, num_classes: int, ratio: float, profile: str = "exp") -> list[int]:
+    """Per-class image counts of a long-tailed subset, class 0 the largest.
+
+    ``exp``: n_i = int(n_max * ratio^(-i/(C-1))); ``step``: the first C//2 classes keep n_max, the rest
+    int(n_max / ratio). The arithmetic is the one of the published CIFAR-LT construction (Cao et al. 2019,
+    ``IMBALANCECIFAR10.get_img_num_per_cls``, written with imb_factor = 1/ratio), so the counts match to the image.
+    """
+    if ratio < 1:
+        raise ValueError(f"imbalance ratio must be >= 1, got {ratio}")
+    imb_factor = 1.0 / ratio
+    if profile == "exp":
+        if num_classes == 1:
+            return [int(n_max)]
+        return [int(n_max * imb_factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    if profile == "step":
+        half = num_classes // 2
+        return [int(n_max)] * half + [int(n_max * imb_factor)] * (num_classes - half)
+    raise ValueError(f"unknown imbalance profile {profile!r} (exp or step)")
+
+
+def lt_subset(labels: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
+    """Indices (into ``labels``) of the long-tailed subset with ``counts[c]`` images of class c.
+
+    Exactly the images of the published construction (Cao et al. 2019, ``IMBALANCECIFAR10``): an RNG seeded with
+    ``seed``; for each class in label order, shuffle that class's indices and keep the first n_c. A private
+    ``RandomState`` draws the same stream as ``np.random.seed`` + ``np.random.shuffle`` without touching numpy's
+    global state. The result is grouped by class, in the order the construction keeps the images.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(labels)
+    if len(classes) != len(counts):
+        raise ValueError(f"{len(counts)} counts for {len(classes)} classes")
+    rs = np.random.RandomState(seed)
+    kept = []
+    for c, n in zip(classes, counts):
+        idx = np.where(labels == c)[0]
+        if n > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} images, the subset asks for {n}")
+        rs.shuffle(idx)
+        kept.append(idx[:n])
+    return np.concatenate(kept)
+
+
+def split_hash(indices: np.ndarray, labels: np.ndarray) -> str:
+    """A short fingerprint of a split: the kept indices and their labels, in order."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def array_fingerprint(*arrays: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) over the raw bytes of arrays: the content the run actually trained on."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,127 @@
+"""One epoch of training and one pass of prediction, readable top to bottom.
+
+The training set lives on the training device as one uint8 tensor; a batch is an index slice of the sampler's
+stream, gathered, optionally replaced by synthetic samples, augmented on tensors, normalised, optionally mixed,
+and fed to the model. No per-image Python work except the optional AutoAugment policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ltbench.config import AugmentConfig
+from ltbench.data.augment import augment_batch, cutout, normalize
+from ltbench.losses import LTLoss, mixed_loss
+from ltbench.synth import Synthesizer
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float  # training accuracy (%) on the batches as trained (augmented; mixed batches count y_a)
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA; CPU runs stay in fp32 so they are bit-reproducible."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LTLoss,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    batch_size: int,
+    mean,
+    std,
+    augment: AugmentConfig,
+    synth: Synthesizer,
+    synth_on: bool,
+    class_weight: torch.Tensor | None,
+    gen: torch.Generator,
+    amp: bool = True,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> EpochStats:
+    device = train_x.device
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        if len(idx) < 2:  # a batch of one breaks BatchNorm; it is at most one image an epoch
+            continue
+        idx_dev = idx.to(device, non_blocking=True)
+        x, y = train_x[idx_dev], train_y[idx_dev]
+        if synth_on and synth.replaces:
+            x, _ = synth.replace(x, y, idx, train_x, gen)
+        x = normalize(augment_batch(x, augment, gen), mean, std)
+        if augment.cutout:
+            x = cutout(x, augment.cutout, gen)
+        mixed = synth.mix(x, y, gen) if (synth_on and not synth.replaces) else None
+        with autocast(device, amp):
+            logits = model(mixed.x if mixed else x)
+        if mixed is not None:
+            loss = mixed_loss(loss_fn, logits, mixed.y_a, mixed.y_b, mixed.lam, class_weight)
+        else:
+            loss = loss_fn(logits, y, class_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        n = len(y)
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += n
+        if on_batch is not None:
+            on_batch(n, float(loss.detach()))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, *, batch_size: int, mean, std, amp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, logits) for every image of a uint8 tensor, in order, on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds, outs = [], []
+    for start in range(0, len(x), batch_size):
+        xb = normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        with autocast(device, amp):
+            logits = model(xb).float()
+        preds.append(logits.argmax(1).cpu())
+        outs.append(logits.cpu())
+    return torch.cat(preds), torch.cat(outs)
+
+
+def lr_at(epoch: int, base_lr: float, epochs: int, warmup: int, decay: str, milestones, gamma: float) -> float:
+    """Learning rate of a (0-indexed) epoch: linear warm-up to base_lr over ``warmup`` epochs (epoch e gets
+    base_lr * (e+1)/warmup, as in the CIFAR-LT reference), then step decay (x gamma from each milestone on) or
+    cosine decay to 0."""
+    if epoch < warmup:
+        return base_lr * (epoch + 1) / warmup
+    if decay == "cosine":
+        import math
+
+        span = max(epochs - warmup, 1)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)

@@ -1,0 +1,347 @@
+"""``run(cfg, out_dir)``: the one function behind ``ltbench train`` and the tests.
+
+A run directory holds:
+
+- ``config.yaml``: the resolved config (every interpolation and default filled in);
+- ``train_indices.txt``: the kept training images, one index into the original training set per line;
+- ``epochs.csv``: one row per epoch (lr, loss, accuracy on the training batches, throughput);
+- ``checkpoint.pt``: model, optimiser, epoch and RNG state after the last finished epoch;
+- ``metrics.json``: status, test metrics at the final epoch, provenance.
+
+Every file is written atomically (temporary file + rename), so a crash never leaves a half-written record.
+The test set is evaluated once, after the last epoch: nothing is selected on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ltbench.config import TrainConfig, as_plain, to_schema
+from ltbench.data import build_dataset
+from ltbench.engine import lr_at, predict, train_one_epoch
+from ltbench.errors import CheckpointError, ConfigError, LtbenchError
+from ltbench.losses import Reweighting, build_loss
+from ltbench.metrics import GROUPS, fmt_acc, summarize
+from ltbench.models import build_model
+from ltbench.results import (
+    METRICS,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    git_revision,
+    versions,
+)
+from ltbench.samplers import Sampler
+from ltbench.synth import Synthesizer
+
+log = logging.getLogger("ltbench")
+
+CONFIG_FILE, CHECKPOINT, EPOCH_LOG, INDICES = "config.yaml", "checkpoint.pt", "epochs.csv", "train_indices.txt"
+
+# Keys that do not change what a run computes (or are the seed, which the report averages over).
+_NOT_IN_HASH = ("seed", "resume", "device", "amp", "progress", "results_dir", "num_threads")
+_NOT_IN_HASH_DATASET = ("root", "download")
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Fingerprint of everything that defines the method and data, not the seed: runs that differ only in seed
+    share it, and the report averages exactly those."""
+    d = as_plain(cfg)
+    for k in _NOT_IN_HASH:
+        d.pop(k, None)
+    for k in _NOT_IN_HASH_DATASET:
+        d["dataset"].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_LABEL_SKIP = ("seed", "strategy", "dataset", "resume", "device", "amp", "progress", "results_dir", "num_threads",
+               "experiment")
+
+
+def method_label(strategy: str, overrides: list[str] | None) -> str:
+    """The strategy name plus the command-line overrides that change the method (not seed, data or device)."""
+    extra = []
+    for o in overrides or []:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in _LABEL_SKIP or key.startswith("hydra"):
+            continue
+        extra.append(o)
+    return f"{strategy} [{', '.join(extra)}]" if extra else strategy
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, epoch, stream name...): independent streams without shared state."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def generator(*parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but CUDA is not available; use device=auto or device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps but MPS is not available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} is not an ltbench run directory (no {CONFIG_FILE})")
+    try:
+        saved = OmegaConf.load(path)
+        return to_schema(OmegaConf.merge(OmegaConf.structured(TrainConfig), saved))
+    except LtbenchError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise CheckpointError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run stopped before its first epoch)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("epoch", "model", "optimizer", "config_hash", "log", "rng"):
+            if key not in ckpt:
+                raise KeyError(key)
+    except Exception as e:
+        raise CheckpointError(f"unreadable checkpoint {path}: {type(e).__name__}: {e}") from e
+    return ckpt
+
+
+def _write_epoch_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def results_table(m: dict, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("top-1", *GROUPS):
+        t.add_column(col, justify="right")
+    sizes = m.get("group_sizes", {})
+    t.add_row(fmt_acc(m.get("top1")), *(fmt_acc(m.get(g)) for g in GROUPS))
+    t.add_row("classes", *(str(sizes.get(g, "–")) for g in GROUPS), style="dim")
+    return t
+
+
+def run(cfg: DictConfig | TrainConfig, out_dir: str | Path, overrides: list[str] | None = None,
+        console: Console | None = None) -> dict:
+    """Train and evaluate one configuration; write its record under ``out_dir``; return metrics.json's dict.
+
+    With ``cfg.resume`` set, the run continues in that directory from its last checkpoint, with its saved config.
+    """
+    console = console or Console(stderr=True)
+    tcfg = to_schema(cfg)
+    resume_ckpt = None
+    if tcfg.resume:
+        out = Path(tcfg.resume)
+        if not out.is_dir():
+            raise CheckpointError(f"resume={tcfg.resume}: no such run directory")
+        prev = json.loads((out / METRICS).read_text()) if (out / METRICS).exists() else {}
+        if prev.get("status") == "completed":
+            console.print(f"[green]{out} already completed[/]; nothing to resume.")
+            return prev
+        device_override = tcfg.device
+        tcfg = load_run_config(out)
+        tcfg.device = device_override
+        resume_ckpt = load_checkpoint(out)
+        if resume_ckpt["config_hash"] != config_hash(tcfg):
+            raise CheckpointError(f"{out}: the checkpoint does not belong to this run's config.yaml")
+        overrides = prev.get("overrides", overrides)
+    else:
+        out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    record: dict[str, Any] = {
+        "status": "running",
+        "dataset": tcfg.dataset.name,
+        "imbalance_ratio": tcfg.dataset.imbalance_ratio,
+        "strategy": tcfg.strategy,
+        "label": method_label(tcfg.strategy, overrides),
+        "seed": tcfg.seed,
+        "split_seed": tcfg.dataset.split_seed,
+        "config_hash": config_hash(tcfg),
+        "overrides": list(overrides or []),
+        "started_at": _now(),
+        "versions": versions(),
+        "git": git_revision(),
+    }
+    t_start = time.perf_counter()
+    try:
+        metrics = _train(tcfg, out, record, resume_ckpt, console)
+    except KeyboardInterrupt:
+        record.update(status="interrupted", finished_at=_now(), wall_time_s=time.perf_counter() - t_start)
+        atomic_write_json(out / METRICS, record)
+        console.print(f"[yellow]interrupted[/]; continue with: ltbench train resume={out}")
+        raise
+    except Exception as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_now(),
+                      wall_time_s=time.perf_counter() - t_start)
+        atomic_write_json(out / METRICS, record)
+        raise
+    return metrics
+
+
+def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None, console: Console) -> dict:
+    t_start = time.perf_counter()
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    device = resolve_device(tcfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sched = tcfg.schedule
+
+    data = build_dataset(tcfg.dataset)
+    record.update(
+        split_hash=data.split_hash,
+        data_fingerprint=data.data_fingerprint,
+        data_root=data.root,
+        num_train=len(data.train_y),
+        num_test=len(data.test_y),
+        train_class_counts=data.class_counts,
+        test_class_counts=[int(c) for c in torch.bincount(data.test_y, minlength=data.num_classes)],
+        class_names=data.class_names,
+        device=str(device),
+    )
+    if resume_ckpt is not None:
+        if resume_ckpt.get("split_hash") != data.split_hash:
+            raise CheckpointError(
+                f"{out}: the training split changed since this run started "
+                f"(split hash {resume_ckpt.get('split_hash')} then, {data.split_hash} now)"
+            )
+    else:
+        atomic_write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(tcfg)))
+        atomic_write_text(out / INDICES, "\n".join(map(str, data.train_indices.tolist())) + "\n")
+    atomic_write_json(out / METRICS, record)
+    for m in (sched.milestones or []):
+        if m >= sched.epochs:
+            log.warning("schedule.milestones: %d is not before epoch %d, so it never applies", m, sched.epochs)
+
+    # Model, loss, optimiser. The model is initialised from the run seed alone.
+    torch.manual_seed(tcfg.seed)
+    model = build_model(tcfg.model, data.num_classes).to(device, memory_format=torch.channels_last)
+    loss_fn = build_loss(tcfg.loss, data.class_counts).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=sched.momentum,
+                                weight_decay=sched.weight_decay, nesterov=sched.nesterov)
+    reweight = Reweighting(tcfg.reweight, data.class_counts)
+    sampler = Sampler(tcfg.sampler, data.train_y, data.num_classes, sched.epochs)
+    synth = Synthesizer(tcfg.synth, data.train_x, data.train_y, data.class_counts)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    record["num_parameters"] = sum(p.numel() for p in model.parameters())
+
+    start_epoch, rows = 0, []
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        torch.set_rng_state(resume_ckpt["rng"]["torch"])
+        start_epoch, rows = int(resume_ckpt["epoch"]), list(resume_ckpt["log"])
+        record["resumed_at_epoch"] = [*resume_ckpt.get("resumed_at_epoch", []), start_epoch]
+        console.print(f"resuming {out} at epoch {start_epoch + 1}/{sched.epochs}")
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not tcfg.progress, transient=False,
+    )
+    with progress:
+        ep_task = progress.add_task("epochs", total=sched.epochs, completed=start_epoch, info="")
+        for epoch in range(start_epoch, sched.epochs):
+            lr = lr_at(epoch, sched.lr, sched.epochs, sched.warmup_epochs, sched.decay, sched.milestones,
+                       sched.gamma)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            # Per-epoch generators derived from (seed, epoch): the same draws whether or not the run resumed.
+            indices = sampler.epoch_indices(epoch, generator(tcfg.seed, epoch, "sampler"))
+            weight = reweight.at(epoch)
+            weight = weight.to(device) if weight is not None else None
+            synth_on = synth.active(epoch)
+            batch_task = progress.add_task(f"epoch {epoch + 1}", total=len(indices), info="")
+            t0 = time.perf_counter()
+
+            seen = [0]
+
+            def on_batch(n: int, loss: float, _task=batch_task, _t0=t0, _seen=seen) -> None:
+                _seen[0] += n
+                speed = _seen[0] / max(time.perf_counter() - _t0, 1e-9)
+                progress.update(_task, advance=n, info=f"loss {loss:.3f} lr {lr:.4g} {speed:,.0f} img/s")
+
+            stats = train_one_epoch(
+                model, optimizer, loss_fn, train_x, train_y, indices,
+                batch_size=sched.batch_size, mean=data.mean, std=data.std, augment=tcfg.augment,
+                synth=synth, synth_on=synth_on, class_weight=weight,
+                gen=generator(tcfg.seed, epoch, "batch"), amp=tcfg.amp, on_batch=on_batch,
+            )
+            if not np.isfinite(stats.loss):
+                raise LtbenchError(f"training diverged at epoch {epoch + 1} (loss {stats.loss}); lower schedule.lr")
+            progress.remove_task(batch_task)
+            rows.append({
+                "epoch": epoch + 1, "lr": lr, "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 4),
+                "images": stats.images, "seconds": round(stats.seconds, 3),
+                "images_per_s": round(stats.images_per_s, 1), "reweight_on": weight is not None,
+                "synth_on": synth_on,
+            })
+            progress.update(ep_task, advance=1,
+                            info=f"loss {stats.loss:.3f} acc {stats.acc:.1f}% {stats.images_per_s:,.0f} img/s")
+            log.info("epoch %d/%d lr %.4g loss %.4f train-acc %.2f%% %.0f img/s", epoch + 1, sched.epochs, lr,
+                     stats.loss, stats.acc, stats.images_per_s)
+            _write_epoch_log(out / EPOCH_LOG, rows)
+            atomic_torch_save(out / CHECKPOINT, {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "config_hash": record["config_hash"],
+                "split_hash": data.split_hash,
+                "log": rows,
+                "resumed_at_epoch": record.get("resumed_at_epoch", []),
+            })
+
+    # Evaluate once, at the final epoch, on the balanced test set.
+    pred, _ = predict(model, data.test_x, batch_size=sched.eval_batch_size, mean=data.mean, std=data.std,
+                      amp=tcfg.amp)
+    summary = summarize(pred, data.test_y, data.class_counts, tcfg.dataset.groups)
+    train_time = sum(r["seconds"] for r in rows)
+    record.update(
+        summary,
+        status="completed",
+        epochs_completed=len(rows),
+        train_images_per_s=round(sum(r["images"] for r in rows) / max(train_time, 1e-9), 1),
+        finished_at=_now(),
+        wall_time_s=round(time.perf_counter() - t_start, 2),
+    )
+    atomic_write_json(out / METRICS, record)
+    console.print(results_table(record, f"{record['label']} on {tcfg.dataset.name} "
+                                        f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch"))
+    console.print(f"run directory: {out}")
+    return record

@@ -252,8 +252,10 @@ def _ratio_tag(ratio: Any) -> str:
 
 
 def _run_dir(resume: Any, default: str) -> str:
-    """hydra.run.dir: a resumed run continues in its own directory."""
-    return str(resume) if resume not in (None, "", "None", "null") else default
+    """hydra.run.dir: a resumed run continues in its own directory (if it is one; else the runner says so)."""
+    if resume not in (None, "", "None", "null") and os.path.exists(os.path.join(str(resume), "config.yaml")):
+        return str(resume)
+    return default
 
 
 OmegaConf.register_new_resolver("ratio_tag", _ratio_tag, replace=True)

@@ -162,7 +162,17 @@ def run(cfg: DictConfig | TrainConfig, out_dir: str | Path, overrides: list[str]
     With ``cfg.resume`` set, the run continues in that directory from its last checkpoint, with its saved config.
     """
     console = console or Console(stderr=True)
-    tcfg = to_schema(cfg)
+    try:
+        tcfg = to_schema(cfg)
+    except LtbenchError as e:
+        if out_dir is not None:  # leave a record, so a sweep's report lists the job that failed
+            get = cfg.get if isinstance(cfg, DictConfig) else (lambda k, d=None: getattr(cfg, k, d))
+            atomic_write_json(Path(out_dir) / METRICS, {
+                "status": "failed", "error": str(e), "strategy": get("strategy"), "seed": get("seed"),
+                "label": method_label(str(get("strategy")), overrides), "overrides": list(overrides or []),
+                "finished_at": _now(),
+            })
+        raise
     resume_ckpt = None
     if tcfg.resume:
         out = Path(tcfg.resume)

@@ -1,0 +1,89 @@
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from ltbench.config import TrainConfig, to_schema
+from ltbench.errors import ConfigError
+from ltbench.presets import list_strategies
+
+STRATEGIES = [p.name for p in list_strategies()]
+
+
+@pytest.fixture(scope="module")
+def cfg_of():
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        yield lambda *o: compose("train", overrides=list(o))
+
+
+def test_required_presets_exist():
+    required = {"ce", "focal", "weighted_ce", "cb_ce", "cb_focal", "ldam", "ldam_drw", "balanced_softmax",
+                "logit_adjust", "class_balanced_sampling", "sqrt_sampling", "progressive_sampling", "oversampling",
+                "undersampling", "class_reorg", "drs", "mixup", "remix", "smote"}
+    assert required <= set(STRATEGIES)
+    assert all(p.summary and p.reference for p in list_strategies())
+
+
+def test_defaults_are_the_reference_recipe(cfg_of):
+    c = to_schema(cfg_of())
+    assert isinstance(c, TrainConfig)
+    assert c.strategy == "ce" and c.dataset.name == "cifar10lt" and c.dataset.imbalance_ratio == 100
+    s = c.schedule
+    assert (s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, s.warmup_epochs) == (200, 128, 0.1, 0.9, 2e-4, 5)
+    assert s.milestones == [160, 180] and s.gamma == 0.01
+    assert c.model.name == "resnet32" and c.model.depth == 32 and c.model.head == "linear"
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_composes_and_names_itself(cfg_of, name):
+    c = to_schema(cfg_of(f"strategy={name}"))
+    assert c.strategy == name
+
+
+def test_preset_is_a_diff(cfg_of):
+    c = to_schema(cfg_of("strategy=ldam_drw"))
+    assert c.loss.name == "ldam" and c.model.head == "cosine" and c.reweight.name == "effective_number"
+    assert c.reweight.start_epoch == 160  # the first lr decay
+    assert c.sampler.name == "instance"  # untouched groups keep their defaults
+    short = to_schema(cfg_of("strategy=ldam_drw", "schedule=short"))
+    assert short.reweight.start_epoch == 24  # DRW follows the schedule
+
+
+def test_command_line_beats_preset(cfg_of):
+    c = to_schema(cfg_of("strategy=focal", "loss.gamma=2.0"))
+    assert c.loss.name == "focal" and c.loss.gamma == 2.0
+    c = to_schema(cfg_of("strategy=focal", "loss=ce"))
+    assert c.loss.name == "ce"
+
+
+def test_group_swaps(cfg_of):
+    c = to_schema(cfg_of("dataset=cifar100lt", "dataset.imbalance_ratio=50", "sampler=sqrt", "reweight=inverse"))
+    assert c.dataset.num_classes == 100 and c.dataset.groups.rule == "counts"
+    assert c.sampler.name == "sqrt" and c.reweight.name == "inverse"
+
+
+def test_misspelt_key_rejected_at_compose(cfg_of):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, HydraException)):
+        cfg_of("schedule.epoch=3")
+
+
+def test_wrong_type_rejected_at_compose(cfg_of):
+    with pytest.raises((ConfigCompositionException, ValidationError, HydraException)):
+        cfg_of("schedule.epochs=many")
+
+
+def test_unknown_strategy_rejected(cfg_of):
+    with pytest.raises((ConfigCompositionException, HydraException), match="strategy"):
+        cfg_of("strategy=nope")
+
+
+@pytest.mark.parametrize("override,match", [
+    ("dataset.imbalance_ratio=0.5", "imbalance_ratio"),
+    ("dataset.profile=linear", "profile"),
+    ("loss=ldam", "cosine"),
+    ("device=tpu", "device"),
+    ("schedule.milestones=[180,160]", "milestones"),
+])
+def test_cross_field_checks(cfg_of, override, match):
+    with pytest.raises(ConfigError, match=match):
+        to_schema(cfg_of(override))

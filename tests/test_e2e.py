@@ -1,0 +1,206 @@
+"""End-to-end: real training on tiny CIFAR-format fixture files, in-process and through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import ltbench.runner as runner_mod
+from conftest import SMOKE
+from ltbench.presets import list_strategies
+from ltbench.report import report
+from ltbench.runner import CHECKPOINT, run
+
+
+@pytest.fixture(scope="module")
+def compose_cfg():
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
+
+
+def _fixture(root):
+    return [f"dataset.root={root}", "dataset.download=false", "dataset.imbalance_ratio=10"]
+
+
+@pytest.mark.parametrize("name", [p.name for p in list_strategies()])
+def test_every_preset_trains_end_to_end(compose_cfg, cifar10_root, tmp_path, name):
+    cfg = compose_cfg(f"strategy={name}", *_fixture(cifar10_root), "synth.stop_epoch=null")
+    m = run(cfg, tmp_path)
+    assert m["status"] == "completed" and m["strategy"] == name
+    assert 0 <= m["top1"] <= 100 and len(m["per_class_acc"]) == 10
+    assert m["group_sizes"] == {"many": 3, "medium": 4, "few": 3}
+    assert m["train_class_counts"] == [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
+    for f in ("config.yaml", "epochs.csv", CHECKPOINT, "train_indices.txt", "metrics.json"):
+        assert (tmp_path / f).exists(), f
+    assert len((tmp_path / "epochs.csv").read_text().strip().splitlines()) == 1 + 2
+
+
+def test_run_records_everything(compose_cfg, cifar10_root, tmp_path):
+    m = run(compose_cfg(*_fixture(cifar10_root)), tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("status", "dataset", "imbalance_ratio", "strategy", "seed", "top1", "many", "medium", "few",
+                "group_sizes", "per_class_acc", "train_class_counts", "split_hash", "wall_time_s", "versions", "git",
+                "config_hash", "data_fingerprint"):
+        assert key in on_disk, key
+    assert on_disk["top1"] == m["top1"]
+    idx = [int(v) for v in (tmp_path / "train_indices.txt").read_text().split()]
+    assert len(idx) == sum(m["train_class_counts"]) and len(set(idx)) == len(idx) and max(idx) < 400
+    assert on_disk["versions"]["torch"] == torch.__version__
+
+
+def test_same_seed_same_numbers_other_seed_same_config_hash(compose_cfg, cifar10_root, tmp_path):
+    a = run(compose_cfg(*_fixture(cifar10_root)), tmp_path / "a")
+    b = run(compose_cfg(*_fixture(cifar10_root)), tmp_path / "b")
+    c = run(compose_cfg(*_fixture(cifar10_root), "seed=1"), tmp_path / "c")
+    assert a["per_class_acc"] == b["per_class_acc"] and a["top1"] == b["top1"]
+    assert a["config_hash"] == c["config_hash"] and a["split_hash"] == c["split_hash"]
+    assert compose_cfg(*_fixture(cifar10_root), "loss=focal") is not None
+    d = run(compose_cfg(*_fixture(cifar10_root), "loss=focal"), tmp_path / "d")
+    assert d["config_hash"] != a["config_hash"]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(compose_cfg, cifar10_root, tmp_path, monkeypatch):
+    overrides = [*_fixture(cifar10_root), "schedule.epochs=3", "strategy=mixup"]
+    full = run(compose_cfg(*overrides), tmp_path / "full")
+
+    real = runner_mod.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_on_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "train_one_epoch", interrupt_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(*overrides), tmp_path / "cut")
+    rec = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert rec["status"] == "interrupted"
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(runner_mod, "train_one_epoch", real)
+
+    resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
+    assert resumed["status"] == "completed" and resumed["resumed_at_epoch"] == [1]
+    assert resumed["top1"] == full["top1"] and resumed["per_class_acc"] == full["per_class_acc"]
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "cut" / "epochs.csv").read_text().strip().splitlines()
+    assert len(rows) == 4  # header + 3 epochs, none duplicated
+
+
+# ------------------------------------------------------------------------------------------------ CLI tier
+
+def ltbench(*args, cwd, env=None, timeout=300):
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ltbench", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+@pytest.mark.slow
+def test_cli_sweep_then_report(cifar10_root, tmp_path):
+    r = ltbench("train", "--multirun", *SMOKE, *_fixture(cifar10_root), "strategy=ce,balanced_softmax",
+                "seed=0,1", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = sorted(tmp_path.rglob("metrics.json"))
+    assert len(metrics) == 4 and len({m.parent for m in metrics}) == 4
+    dirs = {str(m.parent.relative_to(tmp_path)) for m in metrics}
+    assert any("cifar10lt_ir10/ce" in d and d.endswith("seed0") for d in dirs)
+    assert any("cifar10lt_ir10/balanced_softmax" in d and d.endswith("seed1") for d in dirs)
+
+    r = ltbench("report", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (tmp_path / "report.md").read_text()
+    assert "cifar10lt, imbalance ratio 10" in md and "| ce | 2 |" in md and "| balanced_softmax | 2 |" in md
+    csv = (tmp_path / "report.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].startswith("dataset,imbalance_ratio,label,config_hash")
+    assert (tmp_path / "per_class_cifar10lt_ir10.png").stat().st_size > 1000
+    assert (tmp_path / "groups_cifar10lt_ir10.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cli_failed_job_does_not_stop_the_sweep(cifar10_root, tmp_path):
+    r = ltbench("train", "-m", *SMOKE, f"dataset.root={cifar10_root}", "dataset.download=false",
+                "dataset.imbalance_ratio=0.5,10", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode != 0
+    recs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    assert sorted(x["status"] for x in recs) == ["completed", "failed"]
+    failed = next(x for x in recs if x["status"] == "failed")
+    assert "imbalance_ratio" in failed["error"]
+    r = ltbench("report", str(tmp_path), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0 and "Runs not included" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", [
+    (["strategy=nope"], "strategy"),
+    (["dataset=nope"], "dataset"),
+    (["dataset.imbalance_ratio=0.5"], "imbalance_ratio must be >= 1"),
+    (["dataset.root={tmp}/missing", "dataset.download=false"], "download=false"),
+    (["resume={tmp}/missing"], "no such run directory"),
+    (["schedule.epoch=3"], "epoch"),
+])
+def test_cli_bad_input_gives_one_clear_message(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = [] if args[0].startswith("resume=") else [*SMOKE, f"results_dir={tmp_path}"]
+    r = ltbench("train", *base, *args, cwd=tmp_path)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert needle in out and "Traceback" not in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_cli_unreadable_checkpoint(cifar10_root, tmp_path):
+    r = ltbench("train", *SMOKE, *_fixture(cifar10_root), f"results_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run_dir = next(tmp_path.rglob("metrics.json")).parent
+    rec = json.loads((run_dir / "metrics.json").read_text())
+    rec["status"] = "interrupted"
+    (run_dir / "metrics.json").write_text(json.dumps(rec))
+    (run_dir / CHECKPOINT).write_bytes(b"garbage")
+    r = ltbench("train", f"resume={run_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and "unreadable checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_help_and_listing(tmp_path):
+    r = ltbench("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "report" in r.stdout
+    r = ltbench("train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "strategy" in r.stdout
+    r = ltbench("strategies", cwd=tmp_path)
+    assert r.returncode == 0 and "ldam_drw" in r.stdout
+    r = ltbench("train", "--cfg", "job", "strategy=focal", cwd=tmp_path)
+    assert r.returncode == 0 and "name: focal" in r.stdout
+    r = ltbench("report", str(tmp_path / "empty"), cwd=tmp_path)
+    assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+def test_report_aggregates_mean_std_and_lists_failures(tmp_path):
+    def write(d, **kw):
+        rec = {"status": "completed", "dataset": "cifar10lt", "imbalance_ratio": 100, "strategy": "ce", "label": "ce",
+               "config_hash": "h1", "group_sizes": {"many": 3, "medium": 4, "few": 3},
+               "per_class_acc": [50.0] * 10, "train_class_counts": list(range(10, 0, -1)), **kw}
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "metrics.json").write_text(json.dumps(rec))
+
+    write("a", seed=0, top1=70.0, many=90.0, medium=70.0, few=None)
+    write("b", seed=1, top1=72.0, many=92.0, medium=71.0, few=None)
+    write("c", seed=0, top1=60.0, many=60.0, medium=60.0, few=60.0, label="focal", strategy="focal", config_hash="h2")
+    write("d", seed=2, status="failed", error="boom")
+    agg = report(tmp_path, plots=False)
+    ce = agg[agg.label == "ce"].iloc[0]
+    assert ce.n_seeds == 2 and ce.top1_mean == pytest.approx(71.0) and ce.top1_std == pytest.approx(2 ** 0.5)
+    assert ce.many_mean == pytest.approx(91.0)
+    assert str(ce.few_mean) == "nan"  # an empty group stays empty
+    md = (tmp_path / "report.md").read_text()
+    assert "| ce | 2 | 71.00 ± 1.41 | 91.00 ± 1.41 | 70.50 ± 0.71 | – | 3/4/3 |" in md
+    assert "| focal | 1 | 60.00 | 60.00 | 60.00 | 60.00 | 3/4/3 |" in md
+    assert "failed" in md and "boom" in md
+    assert list(agg.label) == ["ce", "focal"]  # best top-1 first

@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltbench.config import LossConfig, ReweightConfig
+from ltbench.errors import ConfigError
+from ltbench.losses import LDAM, Focal, LogitAdjusted, Reweighting, SigmoidFocal, build_loss, class_weights, mixed_loss
+
+COUNTS = [500, 200, 80, 30, 10]
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5, generator=g) * 3
+    target = torch.randint(0, 5, (64,), generator=g)
+    weight = torch.rand(5, generator=g) + 0.2
+    return logits, target, weight
+
+
+def manual_ce(logits, target):
+    logp = logits.log_softmax(1)
+    return -logp[torch.arange(len(target)), target]
+
+
+def test_ce_matches_torch_including_weighted_mean(batch):
+    logits, target, w = batch
+    loss = build_loss(LossConfig(name="ce"), COUNTS)
+    assert torch.allclose(loss(logits, target), F.cross_entropy(logits, target))
+    assert torch.allclose(loss(logits, target, w), F.cross_entropy(logits, target, weight=w))
+    assert torch.allclose(loss(logits, target, w, reduction="sum"), F.cross_entropy(logits, target, weight=w,
+                                                                                     reduction="sum"))
+    per = loss(logits, target, w, reduction="none")
+    assert torch.allclose(per, w[target] * manual_ce(logits, target))
+
+
+def test_label_smoothing(batch):
+    logits, target, _ = batch
+    loss = build_loss(LossConfig(name="ce", label_smoothing=0.1), COUNTS)
+    logp = logits.log_softmax(1)
+    expected = (0.9 * -logp[torch.arange(64), target] + 0.1 * -logp.mean(1)).mean()
+    assert torch.allclose(loss(logits, target), expected, atol=1e-6)
+
+
+def test_focal_formula_and_gamma_zero_is_ce(batch):
+    logits, target, w = batch
+    p_t = logits.softmax(1)[torch.arange(64), target]
+    expected = ((1 - p_t) ** 2 * -torch.log(p_t))
+    f = Focal(COUNTS, gamma=2.0)
+    assert torch.allclose(f(logits, target, reduction="none"), expected, atol=1e-5)
+    assert torch.allclose(f(logits, target, w), (w[target] * expected).sum() / w[target].sum(), atol=1e-5)
+    assert torch.allclose(Focal(COUNTS, gamma=0.0)(logits, target), F.cross_entropy(logits, target), atol=1e-6)
+
+
+def test_sigmoid_focal_formula(batch):
+    logits, target, w = batch
+    y = F.one_hot(target, 5).float()
+    p = torch.sigmoid(logits)
+    alpha, gamma = 0.25, 2.0
+    pt = torch.where(y == 1, p, 1 - p)
+    at = torch.where(y == 1, torch.tensor(alpha), torch.tensor(1 - alpha))
+    expected = (at * (1 - pt) ** gamma * -torch.log(pt)).sum(1)
+    got = SigmoidFocal(COUNTS, gamma=gamma, alpha=alpha)(logits, target, reduction="none")
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)  # the manual log(p) loses precision
+    # gamma 0, no alpha: plain one-vs-all BCE summed over classes
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1)
+    assert torch.allclose(SigmoidFocal(COUNTS, 0.0)(logits, target, w, reduction="none"), w[target] * bce, atol=1e-5)
+
+
+def test_ldam_margins_and_formula(batch):
+    logits, target, w = batch
+    cos = torch.tanh(logits)  # cosine-like logits in [-1, 1]
+    loss = LDAM(COUNTS, max_m=0.5, s=30.0)
+    m = torch.tensor([n ** -0.25 for n in COUNTS])
+    m = m * 0.5 / m.max()
+    assert torch.allclose(loss.margins, m)
+    assert loss.margins.argmax() == 4 and loss.margins.max() == pytest.approx(0.5)
+    adjusted = cos.clone()
+    adjusted[torch.arange(64), target] -= m[target]
+    expected = F.cross_entropy(30.0 * adjusted, target, weight=w)
+    assert torch.allclose(loss(cos, target, w), expected, atol=1e-5)
+
+
+def test_balanced_softmax_and_logit_adjust(batch):
+    logits, target, _ = batch
+    n = torch.tensor(COUNTS, dtype=torch.float32)
+    bs = build_loss(LossConfig(name="balanced_softmax"), COUNTS)
+    assert torch.allclose(bs(logits, target), F.cross_entropy(logits + n.log(), target), atol=1e-5)
+    la = LogitAdjusted(COUNTS, tau=1.0)
+    assert torch.allclose(la(logits, target), bs(logits, target), atol=1e-5)
+    la2 = LogitAdjusted(COUNTS, tau=2.0)
+    assert torch.allclose(la2(logits, target), F.cross_entropy(logits + 2 * (n / n.sum()).log(), target), atol=1e-5)
+
+
+def test_losses_follow_module_device_via_buffers():
+    loss = build_loss(LossConfig(name="ldam"), COUNTS)
+    assert {name for name, _ in loss.named_buffers()} == {"counts", "margins"}
+
+
+@pytest.mark.parametrize("name", ["inverse", "sqrt_inverse", "effective_number"])
+def test_class_weights_formulas_sum_to_num_classes(name):
+    n = torch.tensor(COUNTS, dtype=torch.float64)
+    raw = {"inverse": 1 / n, "sqrt_inverse": 1 / n.sqrt(), "effective_number": (1 - 0.999) / (1 - 0.999 ** n)}[name]
+    w = class_weights(name, COUNTS, beta=0.999)
+    assert w.sum().item() == pytest.approx(5.0, rel=1e-5)
+    assert torch.allclose(w.double(), raw / raw.sum() * 5, rtol=1e-5)
+    assert (w[1:] >= w[:-1]).all()  # rarer classes weigh more
+
+
+def test_effective_number_beta_zero_is_uniform():
+    assert torch.allclose(class_weights("effective_number", COUNTS, beta=0.0), torch.ones(5))
+
+
+def test_drw_switches_on_at_start_epoch():
+    rw = Reweighting(ReweightConfig(name="effective_number", start_epoch=160), COUNTS)
+    assert rw.at(0) is None and rw.at(159) is None
+    assert torch.allclose(rw.at(160), class_weights("effective_number", COUNTS))
+    assert Reweighting(ReweightConfig(name="none"), COUNTS).at(199) is None
+
+
+def test_mixed_loss_reduces_to_plain_loss(batch):
+    logits, target, w = batch
+    loss = build_loss(LossConfig(name="ce"), COUNTS)
+    other = target.roll(1)
+    ones = torch.ones(64)
+    assert torch.allclose(mixed_loss(loss, logits, target, other, ones, w), loss(logits, target, w), atol=1e-6)
+    half = torch.full((64,), 0.5)
+    expected = 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                      + F.cross_entropy(logits, other, reduction="none")).mean()
+    assert torch.allclose(mixed_loss(loss, logits, target, other, half, None), expected, atol=1e-6)
+
+
+def test_bad_loss_settings_rejected():
+    with pytest.raises(ConfigError, match="unknown loss"):
+        build_loss(LossConfig(name="nope"), COUNTS)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        build_loss(LossConfig(name="focal", label_smoothing=0.1), COUNTS)
+    with pytest.raises(ConfigError, match="reweight"):
+        class_weights("nope", COUNTS)
+
+
+def test_ldam_largest_margin_is_for_the_rarest_class():
+    loss = LDAM([10, 1000], max_m=0.5)
+    assert loss.margins.tolist() == pytest.approx([0.5, 0.5 * math.pow(10 / 1000, 0.25)])

@@ -168,7 +168,7 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.decay must be 'step' or 'cosine', got {self.decay!r}")
         if sorted(self.milestones) != list(self.milestones):
             raise ConfigError("schedule.milestones must be increasing")
-        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.epochs > 1:
+        if self.warmup_epochs < 0 or (self.warmup_epochs >= self.epochs and self.epochs > 1):
             raise ConfigError("schedule.warmup_epochs must be in [0, epochs)")
 
 

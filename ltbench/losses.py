@@ -170,9 +170,7 @@ def class_weights(name: str, class_counts: Sequence[int], beta: float = 0.9999) 
         # Cui et al. 2019: effective number E_n = (1 - beta^n) / (1 - beta); weight = 1 / E_n.
         w = (1.0 - beta) / (1.0 - torch.pow(beta, n))
     else:
-        raise ConfigError(
-            f"unknown reweight {name!r}; choose one of none, inverse, sqrt_inverse, effective_number"
-        )
+        raise ConfigError(f"unknown reweight {name!r}; choose one of none, inverse, sqrt_inverse, effective_number")
     return (w / w.sum() * len(n)).float()
 
 

@@ -51,9 +51,7 @@ def group_accuracy(per_class: Sequence[float | None], groups: dict[str, list[int
     return out
 
 
-def summarize(
-    pred: torch.Tensor, target: torch.Tensor, class_counts: Sequence[int], groups_cfg: GroupsConfig
-) -> dict:
+def summarize(pred: torch.Tensor, target: torch.Tensor, class_counts: Sequence[int], groups_cfg: GroupsConfig) -> dict:
     """top-1, per-class and group accuracies of one evaluation, with the group sizes."""
     num_classes = len(class_counts)
     per_class = per_class_accuracy(pred, target, num_classes)

@@ -33,22 +33,31 @@ def runs_frame(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for r in runs:
         if r.get("status") == "completed":
             sizes = r.get("group_sizes", {})
-            done.append({
-                "dataset": r.get("dataset"),
-                "imbalance_ratio": float(r.get("imbalance_ratio", float("nan"))),
-                "label": r.get("label", r.get("strategy")),
-                "strategy": r.get("strategy"),
-                "config_hash": r.get("config_hash", ""),
-                "seed": r.get("seed"),
-                **{m: _num(r.get(m)) for m in METRIC_COLS},
-                "group_sizes": "/".join(str(sizes.get(g, "?")) for g in GROUPS),
-                "per_class_acc": [_num(v) for v in r.get("per_class_acc", [])],
-                "train_class_counts": r.get("train_class_counts", []),
-                "run_dir": r["run_dir"],
-            })
+            done.append(
+                {
+                    "dataset": r.get("dataset"),
+                    "imbalance_ratio": float(r.get("imbalance_ratio", float("nan"))),
+                    "label": r.get("label", r.get("strategy")),
+                    "strategy": r.get("strategy"),
+                    "config_hash": r.get("config_hash", ""),
+                    "seed": r.get("seed"),
+                    **{m: _num(r.get(m)) for m in METRIC_COLS},
+                    "group_sizes": "/".join(str(sizes.get(g, "?")) for g in GROUPS),
+                    "per_class_acc": [_num(v) for v in r.get("per_class_acc", [])],
+                    "train_class_counts": r.get("train_class_counts", []),
+                    "run_dir": r["run_dir"],
+                }
+            )
         else:
-            other.append({"status": r.get("status", "?"), "label": r.get("label", r.get("strategy", "?")),
-                          "seed": r.get("seed"), "error": r.get("error", ""), "run_dir": r["run_dir"]})
+            other.append(
+                {
+                    "status": r.get("status", "?"),
+                    "label": r.get("label", r.get("strategy", "?")),
+                    "seed": r.get("seed"),
+                    "error": r.get("error", ""),
+                    "run_dir": r["run_dir"],
+                }
+            )
     return pd.DataFrame(done), pd.DataFrame(other)
 
 
@@ -67,8 +76,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
         rows.append(row)
     out = pd.DataFrame(rows)
-    return out.sort_values(["dataset", "imbalance_ratio", "top1_mean"], ascending=[True, True, False],
-                           ignore_index=True)
+    return out.sort_values(
+        ["dataset", "imbalance_ratio", "top1_mean"], ascending=[True, True, False], ignore_index=True
+    )
 
 
 def fmt_pm(mean: float, std: float) -> str:
@@ -82,8 +92,14 @@ def _display_rows(agg: pd.DataFrame) -> list[list[str]]:
     rows = []
     for i, r in agg.iterrows():
         label = f"{r['label']} ({r['config_hash'][:8]})" if dup[i] else r["label"]
-        rows.append([label, str(r["n_seeds"]), *(fmt_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_COLS),
-                     r["group_sizes"]])
+        rows.append(
+            [
+                label,
+                str(r["n_seeds"]),
+                *(fmt_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_COLS),
+                r["group_sizes"],
+            ]
+        )
     return rows
 
 
@@ -91,16 +107,29 @@ HEADER = ["method", "seeds", "top-1", "many", "medium", "few", "classes (many/me
 
 
 def to_markdown(agg: pd.DataFrame, failed: pd.DataFrame) -> str:
-    lines = ["# ltbench report", "",
-             "Test-set accuracy (%) at the final epoch, mean ± std over seeds (sample std; none for one seed).",
-             "many/medium/few: mean per-class accuracy of each group; '–' marks an empty group.", ""]
+    lines = [
+        "# ltbench report",
+        "",
+        "Test-set accuracy (%) at the final epoch, mean ± std over seeds (sample std; none for one seed).",
+        "many/medium/few: mean per-class accuracy of each group; '–' marks an empty group.",
+        "",
+    ]
     for (ds, ratio), g in agg.groupby(["dataset", "imbalance_ratio"], sort=False):
-        lines += [f"## {ds}, imbalance ratio {ratio:g}", "", "| " + " | ".join(HEADER) + " |",
-                  "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|"]
+        lines += [
+            f"## {ds}, imbalance ratio {ratio:g}",
+            "",
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in _display_rows(g)]
         lines.append("")
     if len(failed):
-        lines += ["## Runs not included", "", "| status | method | seed | run | error |", "|---|---|---|---|---|"]
+        lines += [
+            "## Runs not included",
+            "",
+            "| status | method | seed | run | error |",
+            "|---|---|---|---|---|",
+        ]
         for _, r in failed.iterrows():
             lines.append(f"| {r['status']} | {r['label']} | {r['seed']} | {r['run_dir']} | {r['error']} |")
         lines.append("")
@@ -144,8 +173,14 @@ def _plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
         for j, m in enumerate(METRIC_COLS):
             means = a[f"{m}_mean"].to_numpy(dtype=float)
             stds = np.nan_to_num(a[f"{m}_std"].to_numpy(dtype=float))
-            ax.bar(x + (j - 1.5) * width, np.nan_to_num(means), width, yerr=stds, capsize=2,
-                   label="top-1" if m == "top1" else m)
+            ax.bar(
+                x + (j - 1.5) * width,
+                np.nan_to_num(means),
+                width,
+                yerr=stds,
+                capsize=2,
+                label="top-1" if m == "top1" else m,
+            )
         ax.set_xticks(x, a["label"], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Head / medium / tail, {ds} ratio {ratio:g} (groups {a['group_sizes'].iloc[0]})")
@@ -173,16 +208,26 @@ def report(root: Path, out: Path | None = None, plots: bool = True, console: Con
     df, failed = runs_frame(runs)
     agg = aggregate(df) if len(df) else pd.DataFrame()
 
-    csv_cols = [*KEYS, "strategy", "n_seeds", "seeds", "group_sizes",
-                *(f"{m}_{s}" for m in METRIC_COLS for s in ("mean", "std"))]
+    csv_cols = [
+        *KEYS,
+        "strategy",
+        "n_seeds",
+        "seeds",
+        "group_sizes",
+        *(f"{m}_{s}" for m in METRIC_COLS for s in ("mean", "std")),
+    ]
     atomic_write_text(out / "report.csv", agg[csv_cols].to_csv(index=False) if len(agg) else ",".join(csv_cols) + "\n")
-    atomic_write_text(out / "report.md", to_markdown(agg, failed) if len(agg) else to_markdown(pd.DataFrame(
-        columns=[*KEYS, "n_seeds", "group_sizes"]), failed))
+    atomic_write_text(
+        out / "report.md",
+        to_markdown(agg, failed)
+        if len(agg)
+        else to_markdown(pd.DataFrame(columns=[*KEYS, "n_seeds", "group_sizes"]), failed),
+    )
 
-    for (ds, ratio), g in (agg.groupby(["dataset", "imbalance_ratio"], sort=False) if len(agg) else []):
+    for (ds, ratio), g in agg.groupby(["dataset", "imbalance_ratio"], sort=False) if len(agg) else []:
         t = Table(title=f"{ds}, imbalance ratio {ratio:g}: test accuracy (%), mean ± std over seeds")
         for i, h in enumerate(HEADER):
-            t.add_column(h, justify="left" if i == 0 else "right")
+            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
         for row in _display_rows(g):
             t.add_row(*row)
         console.print(t)

@@ -53,7 +53,10 @@ def git_revision() -> dict[str, Any]:
         if rev.returncode != 0:
             return {"commit": None, "dirty": None}
         st = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src,
+            capture_output=True,
+            text=True,
             timeout=10,
         )
         return {"commit": rev.stdout.strip(), "dirty": bool(st.stdout.strip())}

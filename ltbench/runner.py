@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ltbench.config import TrainConfig, as_plain, to_schema
@@ -51,7 +58,12 @@ from ltbench.synth import Synthesizer
 
 log = logging.getLogger("ltbench")
 
-CONFIG_FILE, CHECKPOINT, EPOCH_LOG, INDICES = "config.yaml", "checkpoint.pt", "epochs.csv", "train_indices.txt"
+CONFIG_FILE, CHECKPOINT, EPOCH_LOG, INDICES = (
+    "config.yaml",
+    "checkpoint.pt",
+    "epochs.csv",
+    "train_indices.txt",
+)
 
 # Keys that do not change what a run computes (or are the seed, which the report averages over).
 _NOT_IN_HASH = ("seed", "resume", "device", "amp", "progress", "results_dir", "num_threads")
@@ -69,8 +81,18 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-_LABEL_SKIP = ("seed", "strategy", "dataset", "resume", "device", "amp", "progress", "results_dir", "num_threads",
-               "experiment")
+_LABEL_SKIP = (
+    "seed",
+    "strategy",
+    "dataset",
+    "resume",
+    "device",
+    "amp",
+    "progress",
+    "results_dir",
+    "num_threads",
+    "experiment",
+)
 
 
 def method_label(strategy: str, overrides: list[str] | None) -> str:
@@ -121,7 +143,9 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 def load_checkpoint(run_dir: Path) -> dict:
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
-        raise CheckpointError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run stopped before its first epoch)")
+        raise CheckpointError(
+            f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run stopped before its first epoch)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("epoch", "model", "optimizer", "config_hash", "log", "rng"):
@@ -155,8 +179,12 @@ def results_table(m: dict, title: str) -> Table:
     return t
 
 
-def run(cfg: DictConfig | TrainConfig, out_dir: str | Path, overrides: list[str] | None = None,
-        console: Console | None = None) -> dict:
+def run(
+    cfg: DictConfig | TrainConfig,
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+) -> dict:
     """Train and evaluate one configuration; write its record under ``out_dir``; return metrics.json's dict.
 
     With ``cfg.resume`` set, the run continues in that directory from its last checkpoint, with its saved config.
@@ -167,11 +195,18 @@ def run(cfg: DictConfig | TrainConfig, out_dir: str | Path, overrides: list[str]
     except LtbenchError as e:
         if out_dir is not None:  # leave a record, so a sweep's report lists the job that failed
             get = cfg.get if isinstance(cfg, DictConfig) else (lambda k, d=None: getattr(cfg, k, d))
-            atomic_write_json(Path(out_dir) / METRICS, {
-                "status": "failed", "error": str(e), "strategy": get("strategy"), "seed": get("seed"),
-                "label": method_label(str(get("strategy")), overrides), "overrides": list(overrides or []),
-                "finished_at": _now(),
-            })
+            atomic_write_json(
+                Path(out_dir) / METRICS,
+                {
+                    "status": "failed",
+                    "error": str(e),
+                    "strategy": get("strategy"),
+                    "seed": get("seed"),
+                    "label": method_label(str(get("strategy")), overrides),
+                    "overrides": list(overrides or []),
+                    "finished_at": _now(),
+                },
+            )
         raise
     resume_ckpt = None
     if tcfg.resume:
@@ -216,8 +251,12 @@ def run(cfg: DictConfig | TrainConfig, out_dir: str | Path, overrides: list[str]
         console.print(f"[yellow]interrupted[/]; continue with: ltbench train resume={out}")
         raise
     except Exception as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", finished_at=_now(),
-                      wall_time_s=time.perf_counter() - t_start)
+        record.update(
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            finished_at=_now(),
+            wall_time_s=time.perf_counter() - t_start,
+        )
         atomic_write_json(out / METRICS, record)
         raise
     return metrics
@@ -254,7 +293,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         atomic_write_text(out / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(tcfg)))
         atomic_write_text(out / INDICES, "\n".join(map(str, data.train_indices.tolist())) + "\n")
     atomic_write_json(out / METRICS, record)
-    for m in (sched.milestones or []):
+    for m in sched.milestones or []:
         if m >= sched.epochs:
             log.warning("schedule.milestones: %d is not before epoch %d, so it never applies", m, sched.epochs)
 
@@ -262,8 +301,13 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
     torch.manual_seed(tcfg.seed)
     model = build_model(tcfg.model, data.num_classes).to(device, memory_format=torch.channels_last)
     loss_fn = build_loss(tcfg.loss, data.class_counts).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=sched.lr, momentum=sched.momentum,
-                                weight_decay=sched.weight_decay, nesterov=sched.nesterov)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=sched.lr,
+        momentum=sched.momentum,
+        weight_decay=sched.weight_decay,
+        nesterov=sched.nesterov,
+    )
     reweight = Reweighting(tcfg.reweight, data.class_counts)
     sampler = Sampler(tcfg.sampler, data.train_y, data.num_classes, sched.epochs)
     synth = Synthesizer(tcfg.synth, data.train_x, data.train_y, data.class_counts)
@@ -280,15 +324,20 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         console.print(f"resuming {out} at epoch {start_epoch + 1}/{sched.epochs}")
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not tcfg.progress, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not tcfg.progress,
+        transient=False,
     )
     with progress:
         ep_task = progress.add_task("epochs", total=sched.epochs, completed=start_epoch, info="")
         for epoch in range(start_epoch, sched.epochs):
-            lr = lr_at(epoch, sched.lr, sched.epochs, sched.warmup_epochs, sched.decay, sched.milestones,
-                       sched.gamma)
+            lr = lr_at(epoch, sched.lr, sched.epochs, sched.warmup_epochs, sched.decay, sched.milestones, sched.gamma)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # Per-epoch generators derived from (seed, epoch): the same draws whether or not the run resumed.
@@ -301,45 +350,76 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
 
             seen = [0]
 
-            def on_batch(n: int, loss: float, _task=batch_task, _t0=t0, _seen=seen) -> None:
+            def on_batch(n: int, loss: float, _task=batch_task, _t0=t0, _seen=seen, _lr=lr) -> None:
                 _seen[0] += n
                 speed = _seen[0] / max(time.perf_counter() - _t0, 1e-9)
-                progress.update(_task, advance=n, info=f"loss {loss:.3f} lr {lr:.4g} {speed:,.0f} img/s")
+                progress.update(_task, advance=n, info=f"loss {loss:.3f} lr {_lr:.4g} {speed:,.0f} img/s")
 
             stats = train_one_epoch(
-                model, optimizer, loss_fn, train_x, train_y, indices,
-                batch_size=sched.batch_size, mean=data.mean, std=data.std, augment=tcfg.augment,
-                synth=synth, synth_on=synth_on, class_weight=weight,
-                gen=generator(tcfg.seed, epoch, "batch"), amp=tcfg.amp, on_batch=on_batch,
+                model,
+                optimizer,
+                loss_fn,
+                train_x,
+                train_y,
+                indices,
+                batch_size=sched.batch_size,
+                mean=data.mean,
+                std=data.std,
+                augment=tcfg.augment,
+                synth=synth,
+                synth_on=synth_on,
+                class_weight=weight,
+                gen=generator(tcfg.seed, epoch, "batch"),
+                amp=tcfg.amp,
+                on_batch=on_batch,
             )
             if not np.isfinite(stats.loss):
                 raise LtbenchError(f"training diverged at epoch {epoch + 1} (loss {stats.loss}); lower schedule.lr")
             progress.remove_task(batch_task)
-            rows.append({
-                "epoch": epoch + 1, "lr": lr, "train_loss": round(stats.loss, 6), "train_acc": round(stats.acc, 4),
-                "images": stats.images, "seconds": round(stats.seconds, 3),
-                "images_per_s": round(stats.images_per_s, 1), "reweight_on": weight is not None,
-                "synth_on": synth_on,
-            })
-            progress.update(ep_task, advance=1,
-                            info=f"loss {stats.loss:.3f} acc {stats.acc:.1f}% {stats.images_per_s:,.0f} img/s")
-            log.info("epoch %d/%d lr %.4g loss %.4f train-acc %.2f%% %.0f img/s", epoch + 1, sched.epochs, lr,
-                     stats.loss, stats.acc, stats.images_per_s)
+            rows.append(
+                {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": round(stats.loss, 6),
+                    "train_acc": round(stats.acc, 4),
+                    "images": stats.images,
+                    "seconds": round(stats.seconds, 3),
+                    "images_per_s": round(stats.images_per_s, 1),
+                    "reweight_on": weight is not None,
+                    "synth_on": synth_on,
+                }
+            )
+            progress.update(
+                ep_task,
+                advance=1,
+                info=f"loss {stats.loss:.3f} acc {stats.acc:.1f}% {stats.images_per_s:,.0f} img/s",
+            )
+            log.info(
+                "epoch %d/%d lr %.4g loss %.4f train-acc %.2f%% %.0f img/s",
+                epoch + 1,
+                sched.epochs,
+                lr,
+                stats.loss,
+                stats.acc,
+                stats.images_per_s,
+            )
             _write_epoch_log(out / EPOCH_LOG, rows)
-            atomic_torch_save(out / CHECKPOINT, {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state()},
-                "config_hash": record["config_hash"],
-                "split_hash": data.split_hash,
-                "log": rows,
-                "resumed_at_epoch": record.get("resumed_at_epoch", []),
-            })
+            atomic_torch_save(
+                out / CHECKPOINT,
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": {"torch": torch.get_rng_state()},
+                    "config_hash": record["config_hash"],
+                    "split_hash": data.split_hash,
+                    "log": rows,
+                    "resumed_at_epoch": record.get("resumed_at_epoch", []),
+                },
+            )
 
     # Evaluate once, at the final epoch, on the balanced test set.
-    pred, _ = predict(model, data.test_x, batch_size=sched.eval_batch_size, mean=data.mean, std=data.std,
-                      amp=tcfg.amp)
+    pred, _ = predict(model, data.test_x, batch_size=sched.eval_batch_size, mean=data.mean, std=data.std, amp=tcfg.amp)
     summary = summarize(pred, data.test_y, data.class_counts, tcfg.dataset.groups)
     train_time = sum(r["seconds"] for r in rows)
     record.update(
@@ -351,7 +431,12 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         wall_time_s=round(time.perf_counter() - t_start, 2),
     )
     atomic_write_json(out / METRICS, record)
-    console.print(results_table(record, f"{record['label']} on {tcfg.dataset.name} "
-                                        f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch"))
+    console.print(
+        results_table(
+            record,
+            f"{record['label']} on {tcfg.dataset.name} "
+            f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch",
+        )
+    )
     console.print(f"run directory: {out}")
     return record

@@ -85,8 +85,11 @@ def undersample(ci, epoch, epochs, cfg, gen):
     """Random under-sampling: each class cut to the smallest count, a fresh random subset every epoch."""
     nonzero = ci.counts[ci.counts > 0]
     target = int(nonzero.min())
-    parts = [ci.members(c)[torch.randperm(int(ci.counts[c]), generator=gen)[:target]]
-             for c in range(ci.num_classes) if ci.counts[c] > 0]
+    parts = [
+        ci.members(c)[torch.randperm(int(ci.counts[c]), generator=gen)[:target]]
+        for c in range(ci.num_classes)
+        if ci.counts[c] > 0
+    ]
     return _shuffle(parts, gen)
 
 

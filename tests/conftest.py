@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["experiment=smoke", "progress=false", "device=cpu"]
 
 
-def make_cifar(root: Path, num_classes: int = 10, train_per_class: int = 40, test_per_class: int = 10,
-               seed: int = 0) -> Path:
+def make_cifar(
+    root: Path, num_classes: int = 10, train_per_class: int = 40, test_per_class: int = 10, seed: int = 0
+) -> Path:
     """Class-dependent noise images (learnable, not trivially) in CIFAR's pickle format, under ``root``."""
     rng = np.random.default_rng(seed)
     centres = rng.integers(30, 225, size=(num_classes, 3, 1, 1))
@@ -49,5 +50,6 @@ def real_data_root() -> Path | None:
     return None
 
 
-requires_real_cifar10 = pytest.mark.skipif(real_data_root() is None,
-                                           reason="LTBENCH_DATA does not hold the original CIFAR-10 files")
+requires_real_cifar10 = pytest.mark.skipif(
+    real_data_root() is None, reason="LTBENCH_DATA does not hold the original CIFAR-10 files"
+)

@@ -17,9 +17,27 @@ def cfg_of():
 
 
 def test_required_presets_exist():
-    required = {"ce", "focal", "weighted_ce", "cb_ce", "cb_focal", "ldam", "ldam_drw", "balanced_softmax",
-                "logit_adjust", "class_balanced_sampling", "sqrt_sampling", "progressive_sampling", "oversampling",
-                "undersampling", "class_reorg", "drs", "mixup", "remix", "smote"}
+    required = {
+        "ce",
+        "focal",
+        "weighted_ce",
+        "cb_ce",
+        "cb_focal",
+        "ldam",
+        "ldam_drw",
+        "balanced_softmax",
+        "logit_adjust",
+        "class_balanced_sampling",
+        "sqrt_sampling",
+        "progressive_sampling",
+        "oversampling",
+        "undersampling",
+        "class_reorg",
+        "drs",
+        "mixup",
+        "remix",
+        "smote",
+    }
     assert required <= set(STRATEGIES)
     assert all(p.summary and p.reference for p in list_strategies())
 
@@ -29,7 +47,14 @@ def test_defaults_are_the_reference_recipe(cfg_of):
     assert isinstance(c, TrainConfig)
     assert c.strategy == "ce" and c.dataset.name == "cifar10lt" and c.dataset.imbalance_ratio == 100
     s = c.schedule
-    assert (s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, s.warmup_epochs) == (200, 128, 0.1, 0.9, 2e-4, 5)
+    assert (s.epochs, s.batch_size, s.lr, s.momentum, s.weight_decay, s.warmup_epochs) == (
+        200,
+        128,
+        0.1,
+        0.9,
+        2e-4,
+        5,
+    )
     assert s.milestones == [160, 180] and s.gamma == 0.01
     assert c.model.name == "resnet32" and c.model.depth == 32 and c.model.head == "linear"
 
@@ -77,13 +102,16 @@ def test_unknown_strategy_rejected(cfg_of):
         cfg_of("strategy=nope")
 
 
-@pytest.mark.parametrize("override,match", [
-    ("dataset.imbalance_ratio=0.5", "imbalance_ratio"),
-    ("dataset.profile=linear", "profile"),
-    ("loss=ldam", "cosine"),
-    ("device=tpu", "device"),
-    ("schedule.milestones=[180,160]", "milestones"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("dataset.imbalance_ratio=0.5", "imbalance_ratio"),
+        ("dataset.profile=linear", "profile"),
+        ("loss=ldam", "cosine"),
+        ("device=tpu", "device"),
+        ("schedule.milestones=[180,160]", "milestones"),
+    ],
+)
 def test_cross_field_checks(cfg_of, override, match):
     with pytest.raises(ConfigError, match=match):
         to_schema(cfg_of(override))

@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE
 from hydra import compose, initialize_config_module
 
 import ltbench.runner as runner_mod
-from conftest import SMOKE
 from ltbench.presets import list_strategies
 from ltbench.report import report
 from ltbench.runner import CHECKPOINT, run
@@ -43,9 +42,26 @@ def test_every_preset_trains_end_to_end(compose_cfg, cifar10_root, tmp_path, nam
 def test_run_records_everything(compose_cfg, cifar10_root, tmp_path):
     m = run(compose_cfg(*_fixture(cifar10_root)), tmp_path)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("status", "dataset", "imbalance_ratio", "strategy", "seed", "top1", "many", "medium", "few",
-                "group_sizes", "per_class_acc", "train_class_counts", "split_hash", "wall_time_s", "versions", "git",
-                "config_hash", "data_fingerprint"):
+    for key in (
+        "status",
+        "dataset",
+        "imbalance_ratio",
+        "strategy",
+        "seed",
+        "top1",
+        "many",
+        "medium",
+        "few",
+        "group_sizes",
+        "per_class_acc",
+        "train_class_counts",
+        "split_hash",
+        "wall_time_s",
+        "versions",
+        "git",
+        "config_hash",
+        "data_fingerprint",
+    ):
         assert key in on_disk, key
     assert on_disk["top1"] == m["top1"]
     idx = [int(v) for v in (tmp_path / "train_indices.txt").read_text().split()]
@@ -97,16 +113,31 @@ def test_resume_after_interruption_equals_uninterrupted_run(compose_cfg, cifar10
 
 # ------------------------------------------------------------------------------------------------ CLI tier
 
+
 def ltbench(*args, cwd, env=None, timeout=300):
     e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ltbench", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=e)
+    return subprocess.run(
+        [sys.executable, "-m", "ltbench", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+    )
 
 
 @pytest.mark.slow
 def test_cli_sweep_then_report(cifar10_root, tmp_path):
-    r = ltbench("train", "--multirun", *SMOKE, *_fixture(cifar10_root), "strategy=ce,balanced_softmax",
-                "seed=0,1", f"results_dir={tmp_path}", cwd=tmp_path)
+    r = ltbench(
+        "train",
+        "--multirun",
+        *SMOKE,
+        *_fixture(cifar10_root),
+        "strategy=ce,balanced_softmax",
+        "seed=0,1",
+        f"results_dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = sorted(tmp_path.rglob("metrics.json"))
     assert len(metrics) == 4 and len({m.parent for m in metrics}) == 4
@@ -126,8 +157,16 @@ def test_cli_sweep_then_report(cifar10_root, tmp_path):
 
 @pytest.mark.slow
 def test_cli_failed_job_does_not_stop_the_sweep(cifar10_root, tmp_path):
-    r = ltbench("train", "-m", *SMOKE, f"dataset.root={cifar10_root}", "dataset.download=false",
-                "dataset.imbalance_ratio=0.5,10", f"results_dir={tmp_path}", cwd=tmp_path)
+    r = ltbench(
+        "train",
+        "-m",
+        *SMOKE,
+        f"dataset.root={cifar10_root}",
+        "dataset.download=false",
+        "dataset.imbalance_ratio=0.5,10",
+        f"results_dir={tmp_path}",
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
     assert sorted(x["status"] for x in recs) == ["completed", "failed"]
@@ -138,14 +177,17 @@ def test_cli_failed_job_does_not_stop_the_sweep(cifar10_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,needle", [
-    (["strategy=nope"], "strategy"),
-    (["dataset=nope"], "dataset"),
-    (["dataset.imbalance_ratio=0.5"], "imbalance_ratio must be >= 1"),
-    (["dataset.root={tmp}/missing", "dataset.download=false"], "download=false"),
-    (["resume={tmp}/missing"], "no such run directory"),
-    (["schedule.epoch=3"], "epoch"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["strategy=nope"], "strategy"),
+        (["dataset=nope"], "dataset"),
+        (["dataset.imbalance_ratio=0.5"], "imbalance_ratio must be >= 1"),
+        (["dataset.root={tmp}/missing", "dataset.download=false"], "download=false"),
+        (["resume={tmp}/missing"], "no such run directory"),
+        (["schedule.epoch=3"], "epoch"),
+    ],
+)
 def test_cli_bad_input_gives_one_clear_message(tmp_path, args, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     base = [] if args[0].startswith("resume=") else [*SMOKE, f"results_dir={tmp_path}"]
@@ -184,19 +226,38 @@ def test_cli_help_and_listing(tmp_path):
 
 def test_report_aggregates_mean_std_and_lists_failures(tmp_path):
     def write(d, **kw):
-        rec = {"status": "completed", "dataset": "cifar10lt", "imbalance_ratio": 100, "strategy": "ce", "label": "ce",
-               "config_hash": "h1", "group_sizes": {"many": 3, "medium": 4, "few": 3},
-               "per_class_acc": [50.0] * 10, "train_class_counts": list(range(10, 0, -1)), **kw}
+        rec = {
+            "status": "completed",
+            "dataset": "cifar10lt",
+            "imbalance_ratio": 100,
+            "strategy": "ce",
+            "label": "ce",
+            "config_hash": "h1",
+            "group_sizes": {"many": 3, "medium": 4, "few": 3},
+            "per_class_acc": [50.0] * 10,
+            "train_class_counts": list(range(10, 0, -1)),
+            **kw,
+        }
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "metrics.json").write_text(json.dumps(rec))
 
     write("a", seed=0, top1=70.0, many=90.0, medium=70.0, few=None)
     write("b", seed=1, top1=72.0, many=92.0, medium=71.0, few=None)
-    write("c", seed=0, top1=60.0, many=60.0, medium=60.0, few=60.0, label="focal", strategy="focal", config_hash="h2")
+    write(
+        "c",
+        seed=0,
+        top1=60.0,
+        many=60.0,
+        medium=60.0,
+        few=60.0,
+        label="focal",
+        strategy="focal",
+        config_hash="h2",
+    )
     write("d", seed=2, status="failed", error="boom")
     agg = report(tmp_path, plots=False)
     ce = agg[agg.label == "ce"].iloc[0]
-    assert ce.n_seeds == 2 and ce.top1_mean == pytest.approx(71.0) and ce.top1_std == pytest.approx(2 ** 0.5)
+    assert ce.n_seeds == 2 and ce.top1_mean == pytest.approx(71.0) and ce.top1_std == pytest.approx(2**0.5)
     assert ce.many_mean == pytest.approx(91.0)
     assert str(ce.few_mean) == "nan"  # an empty group stays empty
     md = (tmp_path / "report.md").read_text()

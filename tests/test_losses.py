@@ -6,7 +6,16 @@ import torch.nn.functional as F
 
 from ltbench.config import LossConfig, ReweightConfig
 from ltbench.errors import ConfigError
-from ltbench.losses import LDAM, Focal, LogitAdjusted, Reweighting, SigmoidFocal, build_loss, class_weights, mixed_loss
+from ltbench.losses import (
+    LDAM,
+    Focal,
+    LogitAdjusted,
+    Reweighting,
+    SigmoidFocal,
+    build_loss,
+    class_weights,
+    mixed_loss,
+)
 
 COUNTS = [500, 200, 80, 30, 10]
 
@@ -30,8 +39,9 @@ def test_ce_matches_torch_including_weighted_mean(batch):
     loss = build_loss(LossConfig(name="ce"), COUNTS)
     assert torch.allclose(loss(logits, target), F.cross_entropy(logits, target))
     assert torch.allclose(loss(logits, target, w), F.cross_entropy(logits, target, weight=w))
-    assert torch.allclose(loss(logits, target, w, reduction="sum"), F.cross_entropy(logits, target, weight=w,
-                                                                                     reduction="sum"))
+    assert torch.allclose(
+        loss(logits, target, w, reduction="sum"), F.cross_entropy(logits, target, weight=w, reduction="sum")
+    )
     per = loss(logits, target, w, reduction="none")
     assert torch.allclose(per, w[target] * manual_ce(logits, target))
 
@@ -47,7 +57,7 @@ def test_label_smoothing(batch):
 def test_focal_formula_and_gamma_zero_is_ce(batch):
     logits, target, w = batch
     p_t = logits.softmax(1)[torch.arange(64), target]
-    expected = ((1 - p_t) ** 2 * -torch.log(p_t))
+    expected = (1 - p_t) ** 2 * -torch.log(p_t)
     f = Focal(COUNTS, gamma=2.0)
     assert torch.allclose(f(logits, target, reduction="none"), expected, atol=1e-5)
     assert torch.allclose(f(logits, target, w), (w[target] * expected).sum() / w[target].sum(), atol=1e-5)
@@ -73,7 +83,7 @@ def test_ldam_margins_and_formula(batch):
     logits, target, w = batch
     cos = torch.tanh(logits)  # cosine-like logits in [-1, 1]
     loss = LDAM(COUNTS, max_m=0.5, s=30.0)
-    m = torch.tensor([n ** -0.25 for n in COUNTS])
+    m = torch.tensor([n**-0.25 for n in COUNTS])
     m = m * 0.5 / m.max()
     assert torch.allclose(loss.margins, m)
     assert loss.margins.argmax() == 4 and loss.margins.max() == pytest.approx(0.5)
@@ -102,7 +112,7 @@ def test_losses_follow_module_device_via_buffers():
 @pytest.mark.parametrize("name", ["inverse", "sqrt_inverse", "effective_number"])
 def test_class_weights_formulas_sum_to_num_classes(name):
     n = torch.tensor(COUNTS, dtype=torch.float64)
-    raw = {"inverse": 1 / n, "sqrt_inverse": 1 / n.sqrt(), "effective_number": (1 - 0.999) / (1 - 0.999 ** n)}[name]
+    raw = {"inverse": 1 / n, "sqrt_inverse": 1 / n.sqrt(), "effective_number": (1 - 0.999) / (1 - 0.999**n)}[name]
     w = class_weights(name, COUNTS, beta=0.999)
     assert w.sum().item() == pytest.approx(5.0, rel=1e-5)
     assert torch.allclose(w.double(), raw / raw.sum() * 5, rtol=1e-5)
@@ -127,8 +137,10 @@ def test_mixed_loss_reduces_to_plain_loss(batch):
     ones = torch.ones(64)
     assert torch.allclose(mixed_loss(loss, logits, target, other, ones, w), loss(logits, target, w), atol=1e-6)
     half = torch.full((64,), 0.5)
-    expected = 0.5 * (F.cross_entropy(logits, target, reduction="none")
-                      + F.cross_entropy(logits, other, reduction="none")).mean()
+    expected = (
+        0.5
+        * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits, other, reduction="none")).mean()
+    )
     assert torch.allclose(mixed_loss(loss, logits, target, other, half, None), expected, atol=1e-6)
 
 

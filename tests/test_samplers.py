@@ -5,7 +5,9 @@ from ltbench.config import SamplerConfig
 from ltbench.samplers import Sampler, shard
 
 COUNTS = [400, 160, 64, 25, 10]
-LABELS = torch.repeat_interleave(torch.arange(5), torch.tensor(COUNTS))[torch.randperm(659, generator=torch.Generator().manual_seed(0))]
+LABELS = torch.repeat_interleave(torch.arange(5), torch.tensor(COUNTS))[
+    torch.randperm(659, generator=torch.Generator().manual_seed(0))
+]
 N = sum(COUNTS)
 
 
@@ -33,7 +35,7 @@ def test_class_balanced_histogram():
 
 def test_sqrt_histogram():
     p, _ = hist("sqrt")
-    assert_probs(p, [c ** 0.5 for c in COUNTS])
+    assert_probs(p, [c**0.5 for c in COUNTS])
 
 
 def test_images_within_a_class_are_uniform():

@@ -14,7 +14,7 @@ def test_random_crop_equals_a_window_of_the_padded_image():
     g2 = torch.Generator().manual_seed(0)
     dy, dx = torch.randint(0, 5, (16,), generator=g2), torch.randint(0, 5, (16,), generator=g2)
     for i in range(16):
-        assert torch.equal(out[i], padded[i, :, dy[i]: dy[i] + 8, dx[i]: dx[i] + 8])
+        assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8])
 
 
 def test_flip_is_identity_or_mirror():

@@ -70,9 +70,7 @@ def _cifar_lt(cfg: DatasetConfig) -> LTData:
     n_max = int(per_class.min())
     counts = lt_counts(n_max, cfg.num_classes, cfg.imbalance_ratio, cfg.profile)
     if min(counts) < 1:
-        raise ConfigError(
-            f"dataset.imbalance_ratio={cfg.imbalance_ratio} leaves a class with no image (n_max={n_max})"
-        )
+        raise ConfigError(f"dataset.imbalance_ratio={cfg.imbalance_ratio} leaves a class with no image (n_max={n_max})")
     idx = lt_subset(train_y, counts, cfg.split_seed)
     kept_x, kept_y = train_x[idx], train_y[idx]
     return LTData(

@@ -15,7 +15,7 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     """Zero-pad by ``padding`` and take a random HxW window per image (torchvision RandomCrop(padding=p))."""
     if padding <= 0:
         return x
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)

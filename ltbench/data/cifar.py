@@ -11,7 +11,13 @@ from ltbench.errors import DataError
 
 # folder, train files, test files, label key, torchvision class used only to download
 _LAYOUT = {
-    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "CIFAR10"),
+    10: (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        "CIFAR10",
+    ),
     100: ("cifar-100-python", ["train"], ["test"], b"fine_labels", "CIFAR100"),
 }
 _META = {10: ("batches.meta", b"label_names"), 100: ("meta", b"fine_label_names")}

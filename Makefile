@@ -1,0 +1,46 @@
+# ltbench — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LTB := $(VENV)/bin/ltbench
+RESULTS ?= results
+DEMO_STRATEGIES ?= ce,balanced_softmax,class_balanced_sampling
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast report lint format clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install ltbench with its test tools (editable)
+
+demo: install ## short real comparison on CIFAR-10-LT (ratio 100), then the report table (a few minutes on CPU)
+	$(LTB) train --multirun experiment=demo strategy=$(DEMO_STRATEGIES) results_dir=$(RESULTS)/demo
+	$(LTB) report $(RESULTS)/demo
+
+test: install ## the whole test suite (real-data tests too when LTBENCH_DATA holds CIFAR-10)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install ## the test suite without the CLI subprocess tier
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+report: install ## comparison tables and plots of every run under results/ (RESULTS=dir for another)
+	$(LTB) report $(RESULTS)
+
+lint: install ## ruff check
+	$(VENV)/bin/ruff check ltbench tests scripts
+
+format: install ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix ltbench tests scripts
+	$(VENV)/bin/ruff format ltbench tests scripts
+
+clean: ## remove caches (keeps .venv, data and results)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

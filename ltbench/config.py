@@ -59,6 +59,9 @@ class DatasetConfig:
     imbalance_ratio: float = 100.0
     profile: str = "exp"
     split_seed: int = 0
+    # Balanced validation split (per class) from training images the long-tailed subset did not use; where a
+    # class has fewer left (CIFAR-10-LT's largest class keeps all 5000), it gets what is left and the run says so.
+    val_per_class: int = 20
     groups: GroupsConfig = field(default_factory=GroupsConfig)
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class DatasetConfig:
             raise ConfigError(f"unknown dataset {self.name!r}; choose one of {', '.join(DATASETS)}")
         if not self.imbalance_ratio >= 1:
             raise ConfigError(f"dataset.imbalance_ratio must be >= 1, got {self.imbalance_ratio}")
+        if self.val_per_class < 0:
+            raise ConfigError("dataset.val_per_class must be >= 0")
         if self.profile not in PROFILES:
             raise ConfigError(f"dataset.profile must be one of {PROFILES}, got {self.profile!r}")
         if self.groups.rule == "classes":
@@ -145,6 +150,37 @@ class AugmentConfig:
     autoaugment: bool = False  # torchvision's CIFAR-10 AutoAugment policy, per image
 
 
+STAGE2_METHODS = ("none", "crt", "lws", "tau_norm", "ncm", "posthoc_la")
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2 of decoupled training (Kang et al. 2020): only the classifier changes; the backbone is frozen.
+
+    crt: re-initialise and retrain the classifier; lws: learn one scale per class; tau_norm: w_c / ||w_c||^tau;
+    ncm: nearest class mean of normalised features; posthoc_la: logits - tau * log(prior) (Menon et al. 2021).
+    tau (tau_norm, posthoc_la) is chosen on the validation split, never on the test set.
+    """
+
+    method: str = "none"
+    epochs: int = 10  # crt / lws (Kang et al. 2020: 10 epochs)
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sampler: str = "class_balanced"  # crt / lws retrain with class-balanced sampling
+    augment: bool = True  # crt / lws see the training augmentation
+    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
+
+    def __post_init__(self) -> None:
+        if self.method not in STAGE2_METHODS:
+            raise ConfigError(f"schedule.stage2.method must be one of {STAGE2_METHODS}, got {self.method!r}")
+        if self.method != "none" and self.epochs < 1 and self.method in ("crt", "lws"):
+            raise ConfigError("schedule.stage2.epochs must be >= 1 for crt and lws")
+        if self.method in ("tau_norm", "posthoc_la") and not self.tau_grid:
+            raise ConfigError("schedule.stage2.tau_grid is empty")
+
+
 @dataclass
 class ScheduleConfig:
     epochs: int = 200
@@ -158,6 +194,8 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [160, 180])
     gamma: float = 0.01  # step decay factor applied at each milestone (x0.01 at 160, x0.0001 at 180)
     eval_batch_size: int = 1000
+    # Two-stage decoupled training: stage 1 is everything above (schedule.epochs), stage 2 adjusts the classifier.
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -190,6 +228,8 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     resume: str | None = None  # a run directory to continue
     results_dir: str = "results"
+    # Where trained stage-1 backbones are cached for two-stage runs (key: everything that affects stage 1).
+    stage1_cache: str | None = None  # None: <results_dir>/stage1_cache
     progress: bool = True
 
     def __post_init__(self) -> None:

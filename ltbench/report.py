@@ -20,6 +20,7 @@ from ltbench.metrics import GROUPS
 from ltbench.results import atomic_write_text, load_runs
 
 METRIC_COLS = ("top1", *GROUPS)
+AGG_COLS = (*METRIC_COLS, "stage1_top1")
 KEYS = ["dataset", "imbalance_ratio", "label", "config_hash"]
 
 
@@ -43,9 +44,12 @@ def runs_frame(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "seed": r.get("seed"),
                     **{m: _num(r.get(m)) for m in METRIC_COLS},
                     "group_sizes": "/".join(str(sizes.get(g, "?")) for g in GROUPS),
+                    # two-stage runs: the stage-1 backbone's own test accuracy, shown next to stage 2
+                    "stage1_top1": _num((r.get("stage1") or {}).get("test", {}).get("top1")),
                     "per_class_acc": [_num(v) for v in r.get("per_class_acc", [])],
                     "train_class_counts": r.get("train_class_counts", []),
                     "run_dir": r["run_dir"],
+                    "finished_at": r.get("finished_at") or "",
                 }
             )
         else:
@@ -58,7 +62,23 @@ def runs_frame(runs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "run_dir": r["run_dir"],
                 }
             )
-    return pd.DataFrame(done), pd.DataFrame(other)
+    df = pd.DataFrame(done)
+    if len(df):
+        # The same config and seed run twice: keep the latest run, list the others (never average a seed twice).
+        df = df.sort_values("finished_at", kind="stable")
+        dup = df.duplicated([*KEYS, "seed"], keep="last")
+        for _, r in df[dup].iterrows():
+            other.append(
+                {
+                    "status": "superseded (same seed, newer run kept)",
+                    "label": r["label"],
+                    "seed": r["seed"],
+                    "error": "",
+                    "run_dir": r["run_dir"],
+                }
+            )
+        df = df[~dup].reset_index(drop=True)
+    return df, pd.DataFrame(other)
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +90,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         row["n_seeds"] = len(g)
         row["seeds"] = " ".join(str(s) for s in sorted(g["seed"]))
         row["group_sizes"] = g["group_sizes"].iloc[0]
-        for m in METRIC_COLS:
+        for m in AGG_COLS:
             vals = g[m].dropna()
             row[f"{m}_mean"] = float(vals.mean()) if len(vals) else float("nan")
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
@@ -87,19 +107,25 @@ def fmt_pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _has_stage1(agg: pd.DataFrame) -> bool:
+    return "stage1_top1_mean" in agg and bool(agg["stage1_top1_mean"].notna().any())
+
+
+def _header(agg: pd.DataFrame) -> list[str]:
+    return HEADER + (["stage-1 top-1"] if _has_stage1(agg) else [])
+
+
 def _display_rows(agg: pd.DataFrame) -> list[list[str]]:
     dup = agg.duplicated(["dataset", "imbalance_ratio", "label"], keep=False)
+    stage1 = _has_stage1(agg)
     rows = []
     for i, r in agg.iterrows():
         label = f"{r['label']} ({r['config_hash'][:8]})" if dup[i] else r["label"]
-        rows.append(
-            [
-                label,
-                str(r["n_seeds"]),
-                *(fmt_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_COLS),
-                r["group_sizes"],
-            ]
-        )
+        row = [label, str(r["n_seeds"]), *(fmt_pm(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRIC_COLS)]
+        row.append(r["group_sizes"])
+        if stage1:
+            row.append(fmt_pm(r["stage1_top1_mean"], r["stage1_top1_std"]))
+        rows.append(row)
     return rows
 
 
@@ -114,12 +140,14 @@ def to_markdown(agg: pd.DataFrame, failed: pd.DataFrame) -> str:
         "many/medium/few: mean per-class accuracy of each group; '–' marks an empty group.",
         "",
     ]
+    if _has_stage1(agg):
+        lines[-1:-1] = ["stage-1 top-1 (two-stage methods): test accuracy of the stage-1 backbone before stage 2."]
     for (ds, ratio), g in agg.groupby(["dataset", "imbalance_ratio"], sort=False):
         lines += [
             f"## {ds}, imbalance ratio {ratio:g}",
             "",
-            "| " + " | ".join(HEADER) + " |",
-            "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|",
+            "| " + " | ".join(_header(g)) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(_header(g)) - 1)) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in _display_rows(g)]
         lines.append("")
@@ -214,7 +242,7 @@ def report(root: Path, out: Path | None = None, plots: bool = True, console: Con
         "n_seeds",
         "seeds",
         "group_sizes",
-        *(f"{m}_{s}" for m in METRIC_COLS for s in ("mean", "std")),
+        *(f"{m}_{s}" for m in AGG_COLS for s in ("mean", "std")),
     ]
     atomic_write_text(out / "report.csv", agg[csv_cols].to_csv(index=False) if len(agg) else ",".join(csv_cols) + "\n")
     atomic_write_text(
@@ -226,7 +254,7 @@ def report(root: Path, out: Path | None = None, plots: bool = True, console: Con
 
     for (ds, ratio), g in agg.groupby(["dataset", "imbalance_ratio"], sort=False) if len(agg) else []:
         t = Table(title=f"{ds}, imbalance ratio {ratio:g}: test accuracy (%), mean ± std over seeds")
-        for i, h in enumerate(HEADER):
+        for i, h in enumerate(_header(g)):
             t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
         for row in _display_rows(g):
             t.add_row(*row)

@@ -54,6 +54,8 @@ from ltbench.results import (
     versions,
 )
 from ltbench.samplers import Sampler
+from ltbench.seeding import generator
+from ltbench.stages import balanced_accuracy, run_stage2, stage1_key
 from ltbench.synth import Synthesizer
 
 log = logging.getLogger("ltbench")
@@ -66,7 +68,7 @@ CONFIG_FILE, CHECKPOINT, EPOCH_LOG, INDICES = (
 )
 
 # Keys that do not change what a run computes (or are the seed, which the report averages over).
-_NOT_IN_HASH = ("seed", "resume", "device", "amp", "progress", "results_dir", "num_threads")
+_NOT_IN_HASH = ("seed", "resume", "device", "amp", "progress", "results_dir", "num_threads", "stage1_cache")
 _NOT_IN_HASH_DATASET = ("root", "download")
 
 
@@ -92,6 +94,7 @@ _LABEL_SKIP = (
     "results_dir",
     "num_threads",
     "experiment",
+    "stage1_cache",
 )
 
 
@@ -104,15 +107,6 @@ def method_label(strategy: str, overrides: list[str] | None) -> str:
             continue
         extra.append(o)
     return f"{strategy} [{', '.join(extra)}]" if extra else strategy
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (seed, epoch, stream name...): independent streams without shared state."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
-def generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,6 +161,35 @@ def _write_epoch_log(path: Path, rows: list[dict]) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+STAGE1_CKPT, STAGE1_RECORD = "stage1.pt", "stage1.json"
+
+
+def _brief(summary: dict) -> dict:
+    keys = ("top1", "many", "medium", "few", "balanced_top1", "group_sizes", "per_class_acc")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def _load_stage1(cache_dir: Path) -> dict | None:
+    """A cached stage-1 backbone, or None (absent or unreadable: then stage 1 is trained again)."""
+    if not (cache_dir / STAGE1_CKPT).exists() or not (cache_dir / STAGE1_RECORD).exists():
+        return None
+    try:
+        ckpt = torch.load(cache_dir / STAGE1_CKPT, map_location="cpu", weights_only=True)
+        return {
+            "model": ckpt["model"],
+            "log": ckpt["log"],
+            "record": json.loads((cache_dir / STAGE1_RECORD).read_text()),
+        }
+    except Exception as e:
+        log.warning("ignoring unreadable stage-1 cache %s (%s)", cache_dir, e)
+        return None
+
+
+def _save_stage1(cache_dir: Path, model: torch.nn.Module, rows: list[dict], record: dict) -> None:
+    atomic_torch_save(cache_dir / STAGE1_CKPT, {"model": model.state_dict(), "log": rows})
+    atomic_write_json(cache_dir / STAGE1_RECORD, record)  # written last: its presence marks a complete entry
 
 
 def results_table(m: dict, title: str) -> Table:
@@ -323,6 +346,21 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         record["resumed_at_epoch"] = [*resume_ckpt.get("resumed_at_epoch", []), start_epoch]
         console.print(f"resuming {out} at epoch {start_epoch + 1}/{sched.epochs}")
 
+    two_stage = sched.stage2.method != "none"
+    reused = False
+    if two_stage:
+        key = stage1_key(tcfg, data.split_hash)
+        cache_dir = Path(tcfg.stage1_cache or Path(tcfg.results_dir) / "stage1_cache") / key
+        record["stage1"] = {"cache_key": key, "cache_dir": str(cache_dir)}
+        cached = _load_stage1(cache_dir) if resume_ckpt is None else None
+        if cached is not None:
+            model.load_state_dict(cached["model"])
+            start_epoch, rows, reused = sched.epochs, list(cached["log"]), True
+            record["stage1"].update(cached["record"], reused=True)
+            _write_epoch_log(out / EPOCH_LOG, rows)
+            console.print(f"[green]stage 1 reused[/] from {cache_dir}: no stage-1 training")
+            log.info("stage 1 reused from %s", cache_dir)
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -418,9 +456,49 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
                 },
             )
 
-    # Evaluate once, at the final epoch, on the balanced test set.
-    pred, _ = predict(model, data.test_x, batch_size=sched.eval_batch_size, mean=data.mean, std=data.std, amp=tcfg.amp)
-    summary = summarize(pred, data.test_y, data.class_counts, tcfg.dataset.groups)
+    # Evaluate once, after the last epoch: the test set is never used to choose anything.
+    groups_cfg, counts, ebs = tcfg.dataset.groups, data.class_counts, sched.eval_batch_size
+
+    def evaluate(pred_test: torch.Tensor, pred_val: torch.Tensor) -> tuple[dict, dict]:
+        test = summarize(pred_test, data.test_y, counts, groups_cfg)
+        val = summarize(pred_val, data.val_y, counts, groups_cfg) if len(data.val_y) else {}
+        if val:
+            val["balanced_top1"] = balanced_accuracy(pred_val, data.val_y, data.num_classes)
+        return test, val
+
+    val_counts = [int(c) for c in torch.bincount(data.val_y, minlength=data.num_classes)]
+    record["val_class_counts"] = val_counts
+    short = [c for c, n in enumerate(val_counts) if n < tcfg.dataset.val_per_class]
+    if short:
+        record["val_note"] = (
+            f"classes {short} have fewer than {tcfg.dataset.val_per_class} training images left "
+            "outside the long-tailed subset; the validation split holds what is left of them"
+        )
+    if not reused:
+        p_test, _ = predict(model, data.test_x, batch_size=ebs, mean=data.mean, std=data.std, amp=tcfg.amp)
+        p_val, _ = predict(model, data.val_x, batch_size=ebs, mean=data.mean, std=data.std, amp=tcfg.amp)
+        summary, val_summary = evaluate(p_test, p_val)
+    if two_stage:
+        if short:
+            console.print(f"[yellow]note:[/] {record['val_note']}")
+        if not reused:
+            stage1 = {
+                "test": _brief(summary),
+                "val": _brief(val_summary),
+                "trained_in": str(out),
+                "created_at": _now(),
+                "git": record["git"],
+            }
+            _save_stage1(cache_dir, model, rows, stage1)
+            record["stage1"].update(stage1, reused=False)
+        result = run_stage2(tcfg, model, data, device, lambda p: summarize(p, data.test_y, counts, groups_cfg))
+        summary, val_summary = evaluate(result.test_logits.argmax(1), result.val_logits.argmax(1))
+        record["stage2"] = {"method": result.method, "chosen": result.chosen, "curve": result.curve}
+        if result.curve:
+            _write_epoch_log(out / "tau_curve.csv", result.curve)
+        if result.epochs:
+            _write_epoch_log(out / "stage2_epochs.csv", result.epochs)
+    record["val"] = _brief(val_summary) if val_summary else None
     train_time = sum(r["seconds"] for r in rows)
     record.update(
         summary,
@@ -435,7 +513,13 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         results_table(
             record,
             f"{record['label']} on {tcfg.dataset.name} "
-            f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch",
+            f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch"
+            + (f", stage 2: {sched.stage2.method}" if two_stage else "")
+            + (
+                f" (tau {record['stage2']['chosen']['tau']:g}, chosen on validation)"
+                if "tau" in record.get("stage2", {}).get("chosen", {})
+                else ""
+            ),
         )
     )
     console.print(f"run directory: {out}")

@@ -4,7 +4,8 @@
     python scripts/pack_cifar_lt.py unpack --pack .device_data/pack --out /tmp/cifar     # then dataset.root=/tmp/cifar
 
 `unpack` writes a CIFAR folder in the original format in which every image of the long-tailed subset sits at its
-original index (the others are zero images; all 50,000 labels are exact). The subset construction depends only on
+original index, and so does every image of its validation split (the others are zero images; all 50,000 labels
+are exact). The subset construction depends only on
 the labels, so the same split (same split_hash) and the same pixels (same data_fingerprint) come out: runs on the
 unpacked folder are the runs on the original files. Only the subset packed (ratio, profile, split seed) is usable.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ltbench.data.cifar import load_cifar, write_cifar
-from ltbench.data.lt import array_fingerprint, lt_counts, lt_subset
+from ltbench.data.lt import array_fingerprint, lt_counts, lt_split
 
 
 def _to_png(x: np.ndarray, path: Path) -> None:
@@ -32,12 +33,13 @@ def _from_png(path: Path) -> np.ndarray:
     return a.reshape(-1, 32, 32, 3).transpose(0, 3, 1, 2).copy()
 
 
-def pack(root: str, num_classes: int, ratio: float, profile: str, split_seed: int, out: Path) -> None:
+def pack(root: str, num_classes: int, ratio: float, profile: str, split_seed: int, val_per_class: int, out: Path):
     tx, ty, vx, vy, _ = load_cifar(root, num_classes, download=False)
     counts = lt_counts(int(np.bincount(ty).min()), num_classes, ratio, profile)
-    idx = lt_subset(ty, counts, split_seed)
+    idx, val_idx = lt_split(ty, counts, split_seed, val_per_class)
+    used = np.concatenate([idx, val_idx])  # the subset and its validation split
     out.mkdir(parents=True, exist_ok=True)
-    _to_png(tx[idx], out / "train_lt.png")
+    _to_png(tx[used], out / "train_lt.png")
     _to_png(vx, out / "test.png")
     meta = {
         "num_classes": num_classes,
@@ -45,13 +47,14 @@ def pack(root: str, num_classes: int, ratio: float, profile: str, split_seed: in
         "profile": profile,
         "split_seed": split_seed,
         "train_labels": ty.tolist(),
-        "kept": idx.tolist(),
+        "kept": used.tolist(),
         "test_labels": vy.tolist(),
-        "data_fingerprint": array_fingerprint(tx[idx], ty[idx], vx, vy),
+        "n_train": len(idx),
+        "data_fingerprint": array_fingerprint(tx[idx], ty[idx], tx[val_idx], ty[val_idx], vx, vy),
     }
     (out / "meta.json").write_text(json.dumps(meta))
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
-    print(f"packed {len(idx)} training + {len(vx)} test images into {out} ({size:.1f} MiB)")
+    print(f"packed {len(idx)} training + {len(val_idx)} validation + {len(vx)} test images into {out} ({size:.1f} MiB)")
 
 
 def unpack(pack_dir: Path, out: Path) -> None:
@@ -61,7 +64,8 @@ def unpack(pack_dir: Path, out: Path) -> None:
     tx = np.zeros((len(ty), 3, 32, 32), dtype=np.uint8)
     tx[kept] = _from_png(pack_dir / "train_lt.png")
     vx, vy = _from_png(pack_dir / "test.png"), np.asarray(meta["test_labels"], dtype=np.int64)
-    got = array_fingerprint(tx[kept], ty[kept], vx, vy)
+    tr, va = kept[: meta["n_train"]], kept[meta["n_train"] :]
+    got = array_fingerprint(tx[tr], ty[tr], tx[va], ty[va], vx, vy)
     if got != meta["data_fingerprint"]:
         raise SystemExit(f"unpacked data differ from the packed data ({got} != {meta['data_fingerprint']})")
     write_cifar(out, meta["num_classes"], tx, ty, vx, vy)
@@ -77,13 +81,14 @@ def main() -> None:
     a.add_argument("--ratio", type=float, default=100)
     a.add_argument("--profile", default="exp")
     a.add_argument("--split-seed", type=int, default=0)
+    a.add_argument("--val-per-class", type=int, default=20)
     a.add_argument("--out", type=Path, required=True)
     b = sub.add_parser("unpack")
     b.add_argument("--pack", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cmd == "pack":
-        pack(args.root, args.num_classes, args.ratio, args.profile, args.split_seed, args.out)
+        pack(args.root, args.num_classes, args.ratio, args.profile, args.split_seed, args.val_per_class, args.out)
     else:
         unpack(args.pack, args.out)
 

@@ -11,7 +11,7 @@ import torch
 
 from ltbench.config import DatasetConfig, default_data_root
 from ltbench.data.cifar import load_cifar
-from ltbench.data.lt import array_fingerprint, lt_counts, lt_subset, split_hash
+from ltbench.data.lt import array_fingerprint, lt_counts, lt_split, split_hash
 from ltbench.errors import ConfigError, DataError
 
 
@@ -24,6 +24,9 @@ class LTData:
     train_y: torch.Tensor  # int64 N
     test_x: torch.Tensor  # uint8, the full balanced test set
     test_y: torch.Tensor
+    val_x: torch.Tensor  # uint8, a balanced validation split from training images the subset did not use
+    val_y: torch.Tensor
+    val_indices: np.ndarray  # index of each validation image in the original training set
     train_indices: np.ndarray  # index of each kept image in the original training set
     class_counts: list[int]  # training images per class
     class_names: list[str]
@@ -71,7 +74,7 @@ def _cifar_lt(cfg: DatasetConfig) -> LTData:
     counts = lt_counts(n_max, cfg.num_classes, cfg.imbalance_ratio, cfg.profile)
     if min(counts) < 1:
         raise ConfigError(f"dataset.imbalance_ratio={cfg.imbalance_ratio} leaves a class with no image (n_max={n_max})")
-    idx = lt_subset(train_y, counts, cfg.split_seed)
+    idx, val_idx = lt_split(train_y, counts, cfg.split_seed, cfg.val_per_class)
     kept_x, kept_y = train_x[idx], train_y[idx]
     return LTData(
         name=cfg.name,
@@ -79,13 +82,16 @@ def _cifar_lt(cfg: DatasetConfig) -> LTData:
         train_y=torch.from_numpy(kept_y.copy()),
         test_x=torch.from_numpy(test_x),
         test_y=torch.from_numpy(test_y),
+        val_x=torch.from_numpy(np.ascontiguousarray(train_x[val_idx])),
+        val_y=torch.from_numpy(train_y[val_idx].copy()),
+        val_indices=val_idx,
         train_indices=idx,
         class_counts=[int(c) for c in np.bincount(kept_y, minlength=cfg.num_classes)],
         class_names=names,
         mean=_CIFAR_MEAN,
         std=_CIFAR_STD,
         split_hash=split_hash(idx, kept_y),
-        data_fingerprint=array_fingerprint(kept_x, kept_y, test_x, test_y),
+        data_fingerprint=array_fingerprint(kept_x, kept_y, train_x[val_idx], train_y[val_idx], test_x, test_y),
         root=str(Path(root).resolve()),
     )
 

@@ -28,26 +28,36 @@ def lt_counts(n_max: int, num_classes: int, ratio: float, profile: str = "exp") 
 
 
 def lt_subset(labels: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
+    """Indices of the long-tailed subset (see :func:`lt_split`)."""
+    return lt_split(labels, counts, seed, 0)[0]
+
+
+def lt_split(labels: np.ndarray, counts: list[int], seed: int, val_per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (into ``labels``) of the long-tailed subset with ``counts[c]`` images of class c.
 
     Exactly the images of the published construction (Cao et al. 2019, ``IMBALANCECIFAR10``): an RNG seeded with
     ``seed``; for each class in label order, shuffle that class's indices and keep the first n_c. A private
     ``RandomState`` draws the same stream as ``np.random.seed`` + ``np.random.shuffle`` without touching numpy's
     global state. The result is grouped by class, in the order the construction keeps the images.
+
+    The validation split takes, per class, the next ``val_per_class`` images of the same shuffled order: images the
+    long-tailed subset did not use, so it is disjoint from training and leaves the subset unchanged. A class with
+    fewer unused images gets what is left (possibly none); callers record that.
     """
     labels = np.asarray(labels, dtype=np.int64)
     classes = np.unique(labels)
     if len(classes) != len(counts):
         raise ValueError(f"{len(counts)} counts for {len(classes)} classes")
     rs = np.random.RandomState(seed)
-    kept = []
+    kept, val = [], []
     for c, n in zip(classes, counts):
         idx = np.where(labels == c)[0]
         if n > len(idx):
             raise ValueError(f"class {c} has {len(idx)} images, the subset asks for {n}")
         rs.shuffle(idx)
         kept.append(idx[:n])
-    return np.concatenate(kept)
+        val.append(idx[n : n + val_per_class])
+    return np.concatenate(kept), np.concatenate(val).astype(np.int64)
 
 
 def split_hash(indices: np.ndarray, labels: np.ndarray) -> str:

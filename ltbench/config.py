@@ -16,8 +16,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ltbench.errors import ConfigError
 
-DATASETS = ("cifar10lt", "cifar100lt")
-PROFILES = ("exp", "step")
+DATASETS = ("cifar10lt", "cifar100lt", "imagenetlt", "placeslt", "folder")
+PROFILES = ("exp", "step", "pareto")
 GROUP_RULES = ("counts", "classes", "thirds")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -56,9 +56,19 @@ class DatasetConfig:
     # None: $LTBENCH_DATA if set, else ./data (resolved in the runner, so it is recorded as used).
     root: str | None = None
     download: bool = True
-    imbalance_ratio: float = 100.0
+    # None: the split's own imbalance (published lists, or a folder's natural counts).
+    imbalance_ratio: float | None = 100.0
     profile: str = "exp"
     split_seed: int = 0
+    # Image-file datasets (imagenetlt, placeslt, folder)
+    split: str = "published"  # published lists | generated from the full train folder (imagenetlt, placeslt)
+    split_dir: str | None = None  # where the lists are (published; default: root) or go (generated)
+    max_count: int = 1280  # generated splits: images of the largest class
+    check_files: bool = True  # every listed image must exist
+    check_counts: bool = True  # published lists must have the published sizes
+    image_size: int = 224
+    resize: int = 256  # evaluation: resize the short side, then centre-crop image_size
+    num_workers: int = 4
     # Balanced validation split (per class) from training images the long-tailed subset did not use; where a
     # class has fewer left (CIFAR-10-LT's largest class keeps all 5000), it gets what is left and the run says so.
     val_per_class: int = 20
@@ -67,8 +77,10 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         if self.name not in DATASETS:
             raise ConfigError(f"unknown dataset {self.name!r}; choose one of {', '.join(DATASETS)}")
-        if not self.imbalance_ratio >= 1:
+        if self.imbalance_ratio is not None and not self.imbalance_ratio >= 1:
             raise ConfigError(f"dataset.imbalance_ratio must be >= 1, got {self.imbalance_ratio}")
+        if self.split not in ("published", "generated"):
+            raise ConfigError(f"dataset.split must be 'published' or 'generated', got {self.split!r}")
         if self.val_per_class < 0:
             raise ConfigError("dataset.val_per_class must be >= 0")
         if self.profile not in PROFILES:
@@ -287,8 +299,8 @@ def as_plain(cfg: Any) -> dict:
 
 
 def _ratio_tag(ratio: Any) -> str:
-    """100.0 -> '100', 12.5 -> '12.5': imbalance ratios in directory names."""
-    return f"{float(ratio):g}"
+    """100.0 -> '100', 12.5 -> '12.5', None -> 'natural': imbalance ratios in directory names."""
+    return "natural" if ratio in (None, "None", "null") else f"{float(ratio):g}"
 
 
 def _run_dir(resume: Any, default: str) -> str:

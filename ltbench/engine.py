@@ -1,22 +1,20 @@
 """One epoch of training and one pass of prediction, readable top to bottom.
 
-The training set lives on the training device as one uint8 tensor; a batch is an index slice of the sampler's
-stream, gathered, optionally replaced by synthetic samples, augmented on tensors, normalised, optionally mixed,
-and fed to the model. No per-image Python work except the optional AutoAugment policy.
+Batches come from :mod:`ltbench.feed` (CIFAR: gathered from a uint8 tensor on the device and augmented there;
+image files: decoded by DataLoader workers), already normalised; here they are optionally mixed and fed to the
+model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ltbench.config import AugmentConfig
-from ltbench.data.augment import augment_batch, cutout, normalize
 from ltbench.losses import LTLoss, mixed_loss
 from ltbench.synth import Synthesizer
 
@@ -44,37 +42,25 @@ def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     loss_fn: LTLoss,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    indices: torch.Tensor,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    batch_size: int,
-    mean,
-    std,
-    augment: AugmentConfig,
-    synth: Synthesizer,
-    synth_on: bool,
-    class_weight: torch.Tensor | None,
-    gen: torch.Generator,
+    synth: Synthesizer | None = None,
+    synth_on: bool = False,
+    class_weight: torch.Tensor | None = None,
+    gen: torch.Generator | None = None,
     amp: bool = True,
     on_batch: Callable[[int, float], None] | None = None,
 ) -> EpochStats:
-    device = train_x.device
+    """One pass over ``batches`` (normalised inputs and labels, on the training device)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
+    device = None
     t0 = time.perf_counter()
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start : start + batch_size]
-        if len(idx) < 2:  # a batch of one breaks BatchNorm; it is at most one image an epoch
+    for x, y in batches:
+        if len(y) < 2:  # a batch of one breaks BatchNorm; it is at most one image an epoch
             continue
-        idx_dev = idx.to(device, non_blocking=True)
-        x, y = train_x[idx_dev], train_y[idx_dev]
-        if synth_on and synth.replaces:
-            x, _ = synth.replace(x, y, idx, train_x, gen)
-        x = normalize(augment_batch(x, augment, gen), mean, std)
-        if augment.cutout:
-            x = cutout(x, augment.cutout, gen)
-        mixed = synth.mix(x, y, gen) if (synth_on and not synth.replaces) else None
+        device = x.device
+        mixed = synth.mix(x, y, gen) if (synth is not None and synth_on and synth.mixes) else None
         with autocast(device, amp):
             logits = model(mixed.x if mixed else x)
         if mixed is not None:
@@ -91,25 +77,25 @@ def train_one_epoch(
         seen += n
         if on_batch is not None:
             on_batch(n, float(loss.detach()))
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
     return EpochStats(total_loss / max(seen, 1), 100.0 * correct / max(seen, 1), seen, time.perf_counter() - t0)
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, x: torch.Tensor, *, batch_size: int, mean, std, amp: bool = True
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, amp: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, logits) for every image of a uint8 tensor, in order, on the CPU."""
+    """(predicted class, logits) for every batch, in order, on the CPU."""
     model.eval()
-    device = next(model.parameters()).device
     preds, outs = [], []
-    for start in range(0, len(x), batch_size):
-        xb = normalize(x[start : start + batch_size].to(device, non_blocking=True), mean, std)
-        with autocast(device, amp):
-            logits = model(xb).float()
+    for x, _ in batches:
+        with autocast(x.device, amp):
+            logits = model(x).float()
         preds.append(logits.argmax(1).cpu())
         outs.append(logits.cpu())
+    if not outs:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
     return torch.cat(preds), torch.cat(outs)
 
 

@@ -42,6 +42,7 @@ from ltbench.config import TrainConfig, as_plain, to_schema
 from ltbench.data import build_dataset
 from ltbench.engine import lr_at, predict, train_one_epoch
 from ltbench.errors import CheckpointError, ConfigError, LtbenchError
+from ltbench.feed import DataFeed
 from ltbench.losses import Reweighting, build_loss
 from ltbench.metrics import GROUPS, fmt_acc, summarize
 from ltbench.models import build_model
@@ -294,8 +295,11 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         torch.backends.cudnn.benchmark = True
     sched = tcfg.schedule
 
-    data = build_dataset(tcfg.dataset)
+    data = build_dataset(tcfg.dataset, workdir=tcfg.results_dir)
+    if tcfg.dataset.imbalance_ratio is None:  # the split's own imbalance, measured
+        record["imbalance_ratio"] = round(max(data.class_counts) / max(min(data.class_counts), 1), 2)
     record.update(
+        split_files=data.split_files,
         split_hash=data.split_hash,
         data_fingerprint=data.data_fingerprint,
         data_root=data.root,
@@ -334,7 +338,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
     reweight = Reweighting(tcfg.reweight, data.class_counts)
     sampler = Sampler(tcfg.sampler, data.train_y, data.num_classes, sched.epochs)
     synth = Synthesizer(tcfg.synth, data.train_x, data.train_y, data.class_counts)
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    feed = DataFeed(data, tcfg.dataset, device)
     record["num_parameters"] = sum(p.numel() for p in model.parameters())
 
     start_epoch, rows = 0, []
@@ -393,21 +397,19 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
                 speed = _seen[0] / max(time.perf_counter() - _t0, 1e-9)
                 progress.update(_task, advance=n, info=f"loss {loss:.3f} lr {_lr:.4g} {speed:,.0f} img/s")
 
+            gen = generator(tcfg.seed, epoch, "batch")
+            batches = feed.train(
+                indices, batch_size=sched.batch_size, augment=tcfg.augment, synth=synth, synth_on=synth_on, gen=gen
+            )
             stats = train_one_epoch(
                 model,
                 optimizer,
                 loss_fn,
-                train_x,
-                train_y,
-                indices,
-                batch_size=sched.batch_size,
-                mean=data.mean,
-                std=data.std,
-                augment=tcfg.augment,
+                batches,
                 synth=synth,
                 synth_on=synth_on,
                 class_weight=weight,
-                gen=generator(tcfg.seed, epoch, "batch"),
+                gen=gen,
                 amp=tcfg.amp,
                 on_batch=on_batch,
             )
@@ -475,8 +477,8 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             "outside the long-tailed subset; the validation split holds what is left of them"
         )
     if not reused:
-        p_test, _ = predict(model, data.test_x, batch_size=ebs, mean=data.mean, std=data.std, amp=tcfg.amp)
-        p_val, _ = predict(model, data.val_x, batch_size=ebs, mean=data.mean, std=data.std, amp=tcfg.amp)
+        p_test, _ = predict(model, feed.evaluate("test", ebs), amp=tcfg.amp)
+        p_val, _ = predict(model, feed.evaluate("val", ebs), amp=tcfg.amp)
         summary, val_summary = evaluate(p_test, p_val)
     if two_stage:
         if short:
@@ -491,7 +493,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             }
             _save_stage1(cache_dir, model, rows, stage1)
             record["stage1"].update(stage1, reused=False)
-        result = run_stage2(tcfg, model, data, device, lambda p: summarize(p, data.test_y, counts, groups_cfg))
+        result = run_stage2(tcfg, model, data, feed, lambda p: summarize(p, data.test_y, counts, groups_cfg))
         summary, val_summary = evaluate(result.test_logits.argmax(1), result.val_logits.argmax(1))
         record["stage2"] = {"method": result.method, "chosen": result.chosen, "curve": result.curve}
         if result.curve:
@@ -513,7 +515,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         results_table(
             record,
             f"{record['label']} on {tcfg.dataset.name} "
-            f"(ratio {tcfg.dataset.imbalance_ratio:g}, seed {tcfg.seed}) — test, final epoch"
+            f"(ratio {record['imbalance_ratio']:g}, seed {tcfg.seed}) — test, final epoch"
             + (f", stage 2: {sched.stage2.method}" if two_stage else "")
             + (
                 f" (tau {record['stage2']['chosen']['tau']:g}, chosen on validation)"

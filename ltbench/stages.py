@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltbench.config import TrainConfig, as_plain
+from ltbench.config import SamplerConfig, TrainConfig, as_plain
 from ltbench.engine import lr_at, predict, train_one_epoch
 from ltbench.errors import ConfigError
+from ltbench.losses import CrossEntropy
 from ltbench.models.heads import build_head
 from ltbench.samplers import Sampler
 from ltbench.seeding import derive_seed, generator
@@ -122,18 +123,19 @@ def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, x: torch.Tensor, *, batch_size: int, mean, std, amp: bool) -> torch.Tensor:
-    from ltbench.data.augment import normalize
+def extract_features(model: nn.Module, batches, *, amp: bool) -> torch.Tensor:
+    """Backbone features (N x D, float32, CPU) of every batch, in order."""
     from ltbench.engine import autocast
 
     model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = normalize(x[start : start + batch_size].to(device), mean, std)
-        with autocast(device, amp):
-            out.append(model.features(xb).float().cpu())
+    out = [model.features(x).float().cpu() for x, _ in _autocast_iter(batches, amp, autocast)]
     return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
+
+
+def _autocast_iter(batches, amp, autocast):
+    for x, y in batches:
+        with autocast(x.device, amp):
+            yield x, y
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float | None:
@@ -183,14 +185,14 @@ def run_stage2(
     cfg: TrainConfig,
     model: nn.Module,
     data,
-    device: torch.device,
+    feed,
     summarize_test: Callable[[torch.Tensor], dict],
     on_epoch: Callable[[dict], None] | None = None,
 ) -> Stage2Result:
     """Apply ``cfg.schedule.stage2.method`` to a trained stage-1 ``model``; logits for the val and test sets."""
     s2 = cfg.schedule.stage2
     method, num_classes = s2.method, data.num_classes
-    bs, mean, std, amp = cfg.schedule.eval_batch_size, data.mean, data.std, cfg.amp
+    bs, amp = cfg.schedule.eval_batch_size, cfg.amp
     if method in ("tau_norm", "posthoc_la") and len(data.val_y) == 0:
         raise ConfigError(
             f"{method} chooses tau on the validation split, which is empty: set dataset.val_per_class > 0"
@@ -198,10 +200,7 @@ def run_stage2(
     if method == "tau_norm" and not isinstance(model.head, nn.Linear):
         raise ConfigError("tau_norm needs a linear head (a cosine head has unit-norm class weights already)")
 
-    feats = {
-        split: extract_features(model, x, batch_size=bs, mean=mean, std=std, amp=amp)
-        for split, x in (("val", data.val_x), ("test", data.test_x))
-    }
+    feats = {split: extract_features(model, feed.evaluate(split, bs), amp=amp) for split in ("val", "test")}
     head_cpu = copy.deepcopy(model.head).cpu().float()
 
     if method in ("tau_norm", "posthoc_la"):
@@ -222,7 +221,7 @@ def run_stage2(
         return Stage2Result(method, logits_at(tau, "test"), logits_at(tau, "val"), {"tau": tau}, curve)
 
     if method == "ncm":
-        train_feats = extract_features(model, data.train_x, batch_size=bs, mean=mean, std=std, amp=amp)
+        train_feats = extract_features(model, feed.evaluate("train", bs), amp=amp)
         means = class_means(train_feats, data.train_y, num_classes)
         return Stage2Result(method, ncm_logits(feats["test"], means), ncm_logits(feats["val"], means))
 
@@ -232,41 +231,27 @@ def run_stage2(
             head = build_head(cfg.model.head, model.feature_dim, num_classes)
         else:
             head = ScaledHead(copy.deepcopy(model.head), num_classes)
-        net = FrozenBackbone(model, head).to(device)
+        net = FrozenBackbone(model, head).to(feed.device)
         params = [p for p in net.head.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
-        from ltbench.config import AugmentConfig, SamplerConfig, SynthConfig
-        from ltbench.losses import CrossEntropy
-        from ltbench.synth import Synthesizer
-
         sampler = Sampler(SamplerConfig(name=s2.sampler), data.train_y, num_classes, s2.epochs)
-        loss_fn = CrossEntropy(data.class_counts).to(device)
-        augment = cfg.augment if s2.augment else AugmentConfig(crop=False, flip=False)
-        no_synth = Synthesizer(SynthConfig(), data.train_x[:0], data.train_y[:0], data.class_counts)
-        train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+        loss_fn = CrossEntropy(data.class_counts).to(feed.device)
         rows = []
         for epoch in range(s2.epochs):
             lr = lr_at(epoch, s2.lr, s2.epochs, 0, "cosine", [], 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = sampler.epoch_indices(epoch, generator(cfg.seed, epoch, "stage2-sampler"))
-            stats = train_one_epoch(
-                net,
-                opt,
-                loss_fn,
-                train_x,
-                train_y,
+            gen = generator(cfg.seed, epoch, "stage2-batch")
+            batches = feed.train(
                 idx,
                 batch_size=s2.batch_size,
-                mean=mean,
-                std=std,
-                augment=augment,
-                synth=no_synth,
+                augment=cfg.augment if s2.augment else None,
+                synth=None,
                 synth_on=False,
-                class_weight=None,
-                gen=generator(cfg.seed, epoch, "stage2-batch"),
-                amp=amp,
+                gen=gen,
             )
+            stats = train_one_epoch(net, opt, loss_fn, batches, gen=gen, amp=amp)
             row = {
                 "stage": 2,
                 "epoch": epoch + 1,
@@ -280,9 +265,7 @@ def run_stage2(
             rows.append(row)
             if on_epoch:
                 on_epoch(row)
-        logits = {}
-        for split, x in (("val", data.val_x), ("test", data.test_x)):
-            _, logits[split] = predict(net, x, batch_size=bs, mean=mean, std=std, amp=amp)
+        logits = {split: predict(net, feed.evaluate(split, bs), amp=amp)[1] for split in ("val", "test")}
         chosen = {"scales": [round(float(v), 4) for v in head.scales.detach().cpu()]} if method == "lws" else {}
         return Stage2Result(method, logits["test"], logits["val"], chosen, epochs=rows)
 

@@ -87,9 +87,15 @@ def knn_within_class(x: torch.Tensor, y: torch.Tensor, classes: list[int], k: in
 class Synthesizer:
     """Builds the synthetic samples of one config for one training set."""
 
-    def __init__(self, cfg: SynthConfig, train_x: torch.Tensor, train_y: torch.Tensor, counts: list[int]) -> None:
+    def __init__(
+        self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int]
+    ) -> None:
         if cfg.name not in SYNTHS:
             raise ConfigError(f"unknown synth {cfg.name!r}; choose one of {', '.join(SYNTHS)}")
+        if cfg.name in ("smote", "noise") and train_x is None:
+            raise ConfigError(
+                f"synth={cfg.name} works on CIFAR-scale tensor data only (image files have no pixel array)"
+            )
         self.cfg = cfg
         self.counts = torch.as_tensor(counts, dtype=torch.float64)
         # Probability that a sample of class c is replaced: 1 - n_c / n_max (0 for the largest class).
@@ -101,6 +107,10 @@ class Synthesizer:
 
     def active(self, epoch: int) -> bool:
         return self.cfg.name != "none" and (self.cfg.stop_epoch is None or epoch < self.cfg.stop_epoch)
+
+    @property
+    def mixes(self) -> bool:
+        return self.cfg.name in ("mixup", "remix")
 
     @property
     def replaces(self) -> bool:

@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from ltbench.config import AugmentConfig, LossConfig, ModelConfig, SynthConfig
+from ltbench.config import AugmentConfig, LossConfig, ModelConfig
 from ltbench.engine import train_one_epoch
+from ltbench.feed import tensor_batches
 from ltbench.losses import build_loss
 from ltbench.models import build_model
-from ltbench.synth import Synthesizer
 
 
 def main() -> None:
@@ -40,15 +40,12 @@ def main() -> None:
     model = build_model(ModelConfig(depth=args.depth), 10).to(device, memory_format=torch.channels_last)
     loss = build_loss(LossConfig(), counts).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
-    synth = Synthesizer(SynthConfig(), x, y, counts)
     xd, yd = x.to(device), y.to(device)
 
     def steps(n: int) -> float:
         idx = torch.randperm(len(y))[: n * args.batch_size]
-        stats = train_one_epoch(
-            model,
-            opt,
-            loss,
+        gen = torch.Generator().manual_seed(0)
+        batches = tensor_batches(
             xd,
             yd,
             idx,
@@ -56,11 +53,11 @@ def main() -> None:
             mean=(0.5,) * 3,
             std=(0.25,) * 3,
             augment=AugmentConfig(),
-            synth=synth,
+            synth=None,
             synth_on=False,
-            class_weight=None,
-            gen=torch.Generator().manual_seed(0),
+            gen=gen,
         )
+        stats = train_one_epoch(model, opt, loss, batches, gen=gen)
         return stats.images_per_s
 
     steps(args.warmup)

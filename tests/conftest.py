@@ -53,3 +53,54 @@ def real_data_root() -> Path | None:
 requires_real_cifar10 = pytest.mark.skipif(
     real_data_root() is None, reason="LTBENCH_DATA does not hold the original CIFAR-10 files"
 )
+
+
+def make_image_tree(
+    root: Path,
+    num_classes: int = 4,
+    train_per_class: int = 30,
+    test_per_class: int = 4,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+) -> Path:
+    """A tiny ImageNet-layout tree of JPEGs: root/train/<wnid>/*.JPEG (a balanced pool) and root/val/<wnid>/*.JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(20, 235, size=(num_classes, 3))
+    for split, n in (("train", train_per_class), ("val", test_per_class)):
+        for c in range(num_classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(colours[c] + rng.normal(0, 25, size=(*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{split}_{c}_{i}.JPEG", quality=90)
+    return root
+
+
+def write_published_lists(root: Path, counts: list[int], val_per_class: int = 2, prefix: str = "ImageNet_LT") -> None:
+    """Split lists in the published format over a make_image_tree tree (train counts per class, val, test)."""
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    train, val, test = [], [], []
+    for c, name in enumerate(classes):
+        files = sorted((root / "train" / name).iterdir())
+        train += [f"train/{name}/{f.name} {c}" for f in files[: counts[c]]]
+        val += [f"train/{name}/{f.name} {c}" for f in files[counts[c] : counts[c] + val_per_class]]
+        test += [f"val/{name}/{f.name} {c}" for f in sorted((root / "val" / name).iterdir())]
+    for split, lines in (("train", train), ("val", val), ("test", test)):
+        (root / f"{prefix}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    root = make_image_tree(tmp_path_factory.mktemp("imagenet_tiny"))
+    write_published_lists(root, [20, 12, 6, 3])
+    return root
+
+
+def shared_lists() -> Path | None:
+    """The published ImageNet-LT / Places-LT lists, when LTBENCH_DATA holds them."""
+    root = os.environ.get("LTBENCH_DATA")
+    if root and (Path(root) / "imagenet_lt" / "ImageNet_LT_test.txt").exists():
+        return Path(root)
+    return None

@@ -11,23 +11,36 @@ import torch
 
 from ltbench.config import DatasetConfig, default_data_root
 from ltbench.data.cifar import load_cifar
+from ltbench.data.imagelist import (
+    EXPECTED,
+    LIST_NAMES,
+    SplitList,
+    check_counts,
+    check_files,
+    generate_split,
+    load_generated,
+    read_split_list,
+    scan_folder,
+    write_generated,
+)
 from ltbench.data.lt import array_fingerprint, lt_counts, lt_split, split_hash
 from ltbench.errors import ConfigError, DataError
 
 
 @dataclass
 class LTData:
-    """Everything a run needs to know about its data; images stay uint8 until the batch is built."""
+    """Everything a run needs to know about its data.
+
+    Two kinds: ``tensor`` (CIFAR scale: images held as uint8 tensors, ``*_x``) and ``files`` (image files decoded
+    by a DataLoader: ``*_files`` are paths relative to ``root``). Labels are int64 tensors in both.
+    """
 
     name: str
-    train_x: torch.Tensor  # uint8 N x 3 x H x W, the long-tailed training subset
-    train_y: torch.Tensor  # int64 N
-    test_x: torch.Tensor  # uint8, the full balanced test set
-    test_y: torch.Tensor
-    val_x: torch.Tensor  # uint8, a balanced validation split from training images the subset did not use
-    val_y: torch.Tensor
-    val_indices: np.ndarray  # index of each validation image in the original training set
-    train_indices: np.ndarray  # index of each kept image in the original training set
+    train_y: torch.Tensor  # int64 N, the long-tailed training subset
+    test_y: torch.Tensor  # the balanced test set
+    val_y: torch.Tensor  # a balanced validation split from training images the subset did not use
+    val_indices: np.ndarray  # index of each validation image in the original training set / pool
+    train_indices: np.ndarray  # index of each kept image in the original training set / pool
     class_counts: list[int]  # training images per class
     class_names: list[str]
     mean: tuple[float, float, float]
@@ -35,6 +48,14 @@ class LTData:
     split_hash: str
     data_fingerprint: str
     root: str
+    kind: str = "tensor"
+    train_x: torch.Tensor | None = None  # uint8 N x 3 x H x W
+    test_x: torch.Tensor | None = None
+    val_x: torch.Tensor | None = None
+    train_files: list[str] | None = None
+    test_files: list[str] | None = None
+    val_files: list[str] | None = None
+    split_files: dict[str, str] | None = None  # where the split lists were read from / written to
 
     @property
     def num_classes(self) -> int:
@@ -52,10 +73,11 @@ def register_dataset(name: str):
     return deco
 
 
-def build_dataset(cfg: DatasetConfig) -> LTData:
+def build_dataset(cfg: DatasetConfig, workdir: str | Path = ".") -> LTData:
+    """The dataset of a config; ``workdir`` is where generated split lists go unless dataset.split_dir says."""
     if cfg.name not in _BUILDERS:
         raise ConfigError(f"unknown dataset {cfg.name!r}; choose one of {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[cfg.name](cfg)
+    return _BUILDERS[cfg.name](cfg, Path(workdir))
 
 
 # Per-channel statistics of the CIFAR training sets (the constants of the CIFAR-LT reference code).
@@ -63,7 +85,7 @@ _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def _cifar_lt(cfg: DatasetConfig) -> LTData:
+def _cifar_lt(cfg: DatasetConfig, workdir: Path) -> LTData:
     root = cfg.root or default_data_root()
     train_x, train_y, test_x, test_y, names = load_cifar(root, cfg.num_classes, cfg.download)
     per_class = np.bincount(train_y, minlength=cfg.num_classes)
@@ -71,7 +93,9 @@ def _cifar_lt(cfg: DatasetConfig) -> LTData:
         raise DataError(f"{cfg.name}: some classes have no training images under {root}")
     # The reference uses len(train) / C, which is the per-class count of the balanced CIFAR training set.
     n_max = int(per_class.min())
-    counts = lt_counts(n_max, cfg.num_classes, cfg.imbalance_ratio, cfg.profile)
+    counts = lt_counts(n_max, cfg.num_classes, cfg.imbalance_ratio or 1.0, cfg.profile)
+    if cfg.imbalance_ratio is None:
+        raise ConfigError(f"{cfg.name} needs dataset.imbalance_ratio")
     if min(counts) < 1:
         raise ConfigError(f"dataset.imbalance_ratio={cfg.imbalance_ratio} leaves a class with no image (n_max={n_max})")
     idx, val_idx = lt_split(train_y, counts, cfg.split_seed, cfg.val_per_class)
@@ -98,3 +122,169 @@ def _cifar_lt(cfg: DatasetConfig) -> LTData:
 
 register_dataset("cifar10lt")(_cifar_lt)
 register_dataset("cifar100lt")(_cifar_lt)
+
+# ImageNet statistics, for every image-file dataset.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _files_data(
+    cfg: DatasetConfig,
+    root: Path,
+    train: SplitList,
+    val: SplitList,
+    test: SplitList,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    names: list[str],
+    split_files: dict[str, str],
+) -> LTData:
+    num_classes = cfg.num_classes
+    for which, split in (("train", train), ("val", val), ("test", test)):
+        if len(split) and split.labels.max() >= num_classes:
+            raise DataError(f"{which} list has label {split.labels.max()}, dataset.num_classes is {num_classes}")
+    if cfg.check_files:
+        for which, split in (("train", train), ("val", val), ("test", test)):
+            check_files(root, split, which)
+    lists = [np.asarray(s.paths).astype(bytes) for s in (train, val, test)]
+    return LTData(
+        name=cfg.name,
+        kind="files",
+        train_y=torch.from_numpy(train.labels),
+        test_y=torch.from_numpy(test.labels),
+        val_y=torch.from_numpy(val.labels),
+        val_indices=val_idx,
+        train_indices=train_idx,
+        class_counts=[int(c) for c in np.bincount(train.labels, minlength=num_classes)],
+        class_names=names or [str(i) for i in range(num_classes)],
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        split_hash=split_hash(train_idx, train.labels),
+        # The lists (paths and labels) the run used; image bytes are not hashed (too slow at this scale).
+        data_fingerprint=array_fingerprint(*lists, train.labels, val.labels, test.labels),
+        root=str(root.resolve()),
+        train_files=train.paths,
+        val_files=val.paths,
+        test_files=test.paths,
+        split_files=split_files,
+    )
+
+
+def _published_or_generated(cfg: DatasetConfig, workdir: Path) -> LTData:
+    """ImageNet-LT / Places-LT: the published split lists, or a split generated from the full train folder."""
+    root = Path(cfg.root or default_data_root()).expanduser()
+    names = LIST_NAMES[cfg.name]
+    if cfg.split == "published":
+        split_dir = Path(cfg.split_dir).expanduser() if cfg.split_dir else root
+        train, val, test = (read_split_list(split_dir / n) for n in names)
+        problems = [
+            p
+            for w, s in zip(("train", "val", "test"), (train, val, test))
+            for p in check_counts(cfg.name, w, s, EXPECTED[cfg.name])
+        ]
+        if problems and cfg.check_counts:
+            raise DataError(
+                f"{cfg.name} split lists in {split_dir} differ from the published ones: "
+                + "; ".join(problems)
+                + " (dataset.check_counts=false accepts them)"
+            )
+        idx = np.arange(len(train))
+        return _files_data(
+            cfg,
+            root,
+            train,
+            val,
+            test,
+            idx,
+            np.arange(len(val)),
+            [],
+            {w: str(split_dir / n) for w, n in zip(("train", "val", "test"), names)},
+        )
+    # generated: from root/train/<class>/* (a balanced pool) and root/val/<class>/* (the test set)
+    if cfg.imbalance_ratio is None:
+        raise ConfigError("dataset.split=generated needs dataset.imbalance_ratio")
+    params = {
+        "dataset": cfg.name,
+        "ratio": cfg.imbalance_ratio,
+        "profile": cfg.profile,
+        "max_count": cfg.max_count,
+        "split_seed": cfg.split_seed,
+        "val_per_class": cfg.val_per_class,
+    }
+    tag = f"{cfg.name}_ir{cfg.imbalance_ratio:g}_{cfg.profile}_n{cfg.max_count}_seed{cfg.split_seed}"
+    out = Path(cfg.split_dir).expanduser() if cfg.split_dir else workdir / "splits" / tag
+    loaded = load_generated(out, names, params)
+    classes, pool_paths, pool_labels = scan_folder(root / "train")
+    if len(classes) != cfg.num_classes:
+        raise DataError(f"{root / 'train'} has {len(classes)} class folders, dataset.num_classes is {cfg.num_classes}")
+    if loaded is None:
+        train, val, _ = generate_split(
+            pool_paths,
+            pool_labels,
+            cfg.num_classes,
+            cfg.imbalance_ratio,
+            cfg.profile,
+            cfg.max_count,
+            cfg.split_seed,
+            cfg.val_per_class,
+        )
+        test_classes, test_paths, test_labels = scan_folder(root / "val")
+        if test_classes != classes:
+            raise DataError(f"{root / 'val'} must have the same class folders as {root / 'train'}")
+        test = SplitList(test_paths, test_labels)
+        write_generated(out, names, train, val, test, params)
+    else:
+        train, val, test = loaded
+    index = {p: i for i, p in enumerate(pool_paths)}
+    train_idx = np.asarray([index[p] for p in train.paths], dtype=np.int64)
+    val_idx = np.asarray([index[p] for p in val.paths], dtype=np.int64)
+    return _files_data(
+        cfg,
+        root,
+        train,
+        val,
+        test,
+        train_idx,
+        val_idx,
+        classes,
+        {w: str(out / n) for w, n in zip(("train", "val", "test"), names)},
+    )
+
+
+def _folder(cfg: DatasetConfig, workdir: Path) -> LTData:
+    """Any ImageFolder tree: root/train/<class>/* for training, root/test/<class>/* for the test set.
+
+    Natural imbalance (dataset.imbalance_ratio=null): all training images, minus a validation split of up to
+    val_per_class per class (never more than a fifth of a class). An induced ratio: the CIFAR-LT construction on the
+    training images (counts from the smallest class's size down by the ratio), validation from the unused images.
+    """
+    root = Path(cfg.root or default_data_root()).expanduser()
+    classes, paths, labels = scan_folder(root / "train")
+    test_classes, test_paths, test_labels = scan_folder(root / "test")
+    if test_classes != classes:
+        raise DataError(f"{root / 'test'} must have the same class folders as {root / 'train'}")
+    if len(classes) != cfg.num_classes:
+        raise DataError(f"{root / 'train'} has {len(classes)} classes, dataset.num_classes is {cfg.num_classes}")
+    per_class = np.bincount(labels, minlength=cfg.num_classes)
+    if cfg.imbalance_ratio is None:
+        rs = np.random.RandomState(cfg.split_seed)
+        tr, va = [], []
+        for c in range(cfg.num_classes):
+            m = np.nonzero(labels == c)[0]
+            rs.shuffle(m)
+            v = min(cfg.val_per_class, len(m) // 5)
+            va.append(m[:v])
+            tr.append(np.sort(m[v:]))
+        idx, val_idx = np.concatenate(tr), np.concatenate(va)
+    else:
+        counts = lt_counts(int(per_class.min()), cfg.num_classes, cfg.imbalance_ratio, cfg.profile)
+        idx, val_idx = lt_split(labels, counts, cfg.split_seed, cfg.val_per_class)
+    p = np.asarray(paths)
+    train = SplitList(list(p[idx]), labels[idx])
+    val = SplitList(list(p[val_idx]), labels[val_idx])
+    return _files_data(cfg, root, train, val, SplitList(test_paths, test_labels), idx, val_idx, classes, {})
+
+
+for _name in ("imagenetlt", "placeslt"):
+    register_dataset(_name)(_published_or_generated)
+register_dataset("folder")(_folder)

@@ -1,0 +1,114 @@
+"""Batches for training and evaluation, whatever the data kind: one interface over the tensor-resident CIFAR path
+(gather, synthetic replacement, batched augmentation on the device) and the image-file DataLoader path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ltbench.config import AugmentConfig, DatasetConfig
+from ltbench.data import LTData
+from ltbench.data.augment import augment_batch, cutout, normalize
+from ltbench.synth import Synthesizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def tensor_batches(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    batch_size: int,
+    mean,
+    std,
+    augment: AugmentConfig | None,
+    synth: Synthesizer | None,
+    synth_on: bool,
+    gen: torch.Generator,
+) -> Iterator[Batch]:
+    """CIFAR-scale batches: gather from the uint8 tensor on the device, optionally replace by synthetic samples,
+    crop/flip (and AutoAugment) on uint8, normalise, Cutout. No per-image Python work except AutoAugment."""
+    device = train_x.device
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        idx_dev = idx.to(device, non_blocking=True)
+        x, y = train_x[idx_dev], train_y[idx_dev]
+        if synth is not None and synth_on and synth.replaces:
+            x, _ = synth.replace(x, y, idx, train_x, gen)
+        if augment is not None:
+            x = augment_batch(x, augment, gen)
+        x = normalize(x, mean, std)
+        if augment is not None and augment.cutout:
+            x = cutout(x, augment.cutout, gen)
+        yield x, y
+
+
+class DataFeed:
+    def __init__(self, data: LTData, cfg: DatasetConfig, device: torch.device) -> None:
+        self.data, self.cfg, self.device = data, cfg, device
+        if data.kind == "tensor":
+            assert data.train_x is not None
+            self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
+        else:
+            from ltbench.data.images import ImageFiles, eval_transform, train_transform
+
+            ev = eval_transform(cfg.resize, cfg.image_size, data.mean, data.std)
+            self._train_files = ImageFiles(
+                data.root, data.train_files, data.train_y, train_transform(cfg.image_size, data.mean, data.std)
+            )
+            self._train_plain = ImageFiles(data.root, data.train_files, data.train_y, ev)
+            self._eval = {
+                "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
+                "val": ImageFiles(data.root, data.val_files, data.val_y, ev),
+            }
+
+    def train(
+        self,
+        indices: torch.Tensor,
+        *,
+        batch_size: int,
+        augment: AugmentConfig | None,
+        synth: Synthesizer | None,
+        synth_on: bool,
+        gen: torch.Generator,
+    ) -> Iterator[Batch]:
+        """Training batches in the order of ``indices``; ``augment=None`` means no augmentation."""
+        if self.data.kind != "tensor":
+            ds = self._train_files if augment is not None else self._train_plain
+            from ltbench.data.images import loader_batches
+
+            yield from loader_batches(ds, indices, batch_size, self.cfg.num_workers, self.device, gen)
+            return
+        yield from tensor_batches(
+            self.train_x,
+            self.train_y,
+            indices,
+            batch_size=batch_size,
+            mean=self.data.mean,
+            std=self.data.std,
+            augment=augment,
+            synth=synth,
+            synth_on=synth_on,
+            gen=gen,
+        )
+
+    def evaluate(self, split: str, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[Batch]:
+        """Batches of a split ("test", "val", "train": no augmentation), in order (or in ``indices`` order)."""
+        data = self.data
+        if data.kind != "tensor":
+            from ltbench.data.images import loader_batches
+
+            ds = self._train_plain if split == "train" else self._eval[split]
+            order = torch.arange(len(ds)) if indices is None else indices
+            yield from loader_batches(ds, order, batch_size, self.cfg.num_workers, self.device, torch.Generator())
+            return
+        x_all = {"train": data.train_x, "val": data.val_x, "test": data.test_x}[split]
+        y_all = {"train": data.train_y, "val": data.val_y, "test": data.test_y}[split]
+        assert x_all is not None
+        if indices is not None:
+            x_all, y_all = x_all[indices], y_all[indices]
+        for start in range(0, len(x_all), batch_size):
+            xb = x_all[start : start + batch_size].to(self.device, non_blocking=True)
+            yield normalize(xb, data.mean, data.std), y_all[start : start + batch_size]

@@ -51,6 +51,14 @@ def _train_app() -> None:
         overrides = list(hc.overrides.task)
         multirun = hc.mode == RunMode.MULTIRUN
         try:
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+                if multirun:
+                    raise LtbenchError("do not combine --multirun with torchrun: launch one torchrun per run")
+                if not cfg.get("resume") and not any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+                    raise LtbenchError(
+                        "under torchrun every rank runs ltbench: give the run directory explicitly, "
+                        "e.g. hydra.run.dir=results/runs/imagenetlt_r50"
+                    )
             if cfg.get("resume"):
                 extra = [o for o in overrides if o.split("=", 1)[0] not in ("resume", "device", "progress")]
                 if extra:

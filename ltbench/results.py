@@ -14,8 +14,17 @@ from typing import Any
 
 METRICS = "metrics.json"
 
+# In a multi-process run only rank 0 writes; the runner turns writing off on the other ranks.
+_WRITER = {"enabled": True}
+
+
+def set_writer(enabled: bool) -> None:
+    _WRITER["enabled"] = enabled
+
 
 def _atomic(path: Path, write) -> None:
+    if not _WRITER["enabled"]:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

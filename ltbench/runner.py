@@ -40,6 +40,8 @@ from rich.table import Table
 
 from ltbench.config import TrainConfig, as_plain, to_schema
 from ltbench.data import build_dataset
+from ltbench.dist import barrier, eval_shard, gather_cat, sync_batchnorm
+from ltbench.dist import setup as dist_setup
 from ltbench.engine import lr_at, predict, train_one_epoch
 from ltbench.errors import CheckpointError, ConfigError, LtbenchError
 from ltbench.feed import DataFeed
@@ -52,9 +54,10 @@ from ltbench.results import (
     atomic_write_json,
     atomic_write_text,
     git_revision,
+    set_writer,
     versions,
 )
-from ltbench.samplers import Sampler
+from ltbench.samplers import Sampler, shard
 from ltbench.seeding import generator
 from ltbench.stages import balanced_accuracy, run_stage2, stage1_key
 from ltbench.synth import Synthesizer
@@ -288,13 +291,16 @@ def run(
 
 def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None, console: Console) -> dict:
     t_start = time.perf_counter()
+    sched = tcfg.schedule
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    device = resolve_device(tcfg.device)
+    info, device = dist_setup(resolve_device(tcfg.device))
+    set_writer(info.main)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    sched = tcfg.schedule
-
+    if sched.batch_size % info.world_size:
+        raise ConfigError(f"schedule.batch_size={sched.batch_size} is not divisible by the {info.world_size} processes")
+    rank_batch = sched.batch_size // info.world_size  # the global batch is schedule.batch_size
     data = build_dataset(tcfg.dataset, workdir=tcfg.results_dir)
     if tcfg.dataset.imbalance_ratio is None:  # the split's own imbalance, measured
         record["imbalance_ratio"] = round(max(data.class_counts) / max(min(data.class_counts), 1), 2)
@@ -326,7 +332,10 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
 
     # Model, loss, optimiser. The model is initialised from the run seed alone.
     torch.manual_seed(tcfg.seed)
-    model = build_model(tcfg.model, data.num_classes).to(device, memory_format=torch.channels_last)
+    model = build_model(tcfg.model, data.num_classes)
+    if info.enabled:
+        model = sync_batchnorm(model, device)
+    model = model.to(device, memory_format=torch.channels_last)
     loss_fn = build_loss(tcfg.loss, data.class_counts).to(device)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -340,6 +349,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
     synth = Synthesizer(tcfg.synth, data.train_x, data.train_y, data.class_counts)
     feed = DataFeed(data, tcfg.dataset, device)
     record["num_parameters"] = sum(p.numel() for p in model.parameters())
+    record["world_size"] = info.world_size
 
     start_epoch, rows = 0, []
     if resume_ckpt is not None:
@@ -365,6 +375,13 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             console.print(f"[green]stage 1 reused[/] from {cache_dir}: no stage-1 training")
             log.info("stage 1 reused from %s", cache_dir)
 
+    # Under torchrun, gradients are averaged across ranks by DistributedDataParallel.
+    train_model: torch.nn.Module = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -373,7 +390,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not tcfg.progress,
+        disable=not (tcfg.progress and info.main),
         transient=False,
     )
     with progress:
@@ -383,7 +400,10 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             # Per-epoch generators derived from (seed, epoch): the same draws whether or not the run resumed.
-            indices = sampler.epoch_indices(epoch, generator(tcfg.seed, epoch, "sampler"))
+            # Every rank draws the same stream and takes its interleaved shard.
+            indices = shard(
+                sampler.epoch_indices(epoch, generator(tcfg.seed, epoch, "sampler")), info.rank, info.world_size
+            )
             weight = reweight.at(epoch)
             weight = weight.to(device) if weight is not None else None
             synth_on = synth.active(epoch)
@@ -397,12 +417,12 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
                 speed = _seen[0] / max(time.perf_counter() - _t0, 1e-9)
                 progress.update(_task, advance=n, info=f"loss {loss:.3f} lr {_lr:.4g} {speed:,.0f} img/s")
 
-            gen = generator(tcfg.seed, epoch, "batch")
+            gen = generator(tcfg.seed, epoch, "batch", *([info.rank] if info.enabled else []))
             batches = feed.train(
-                indices, batch_size=sched.batch_size, augment=tcfg.augment, synth=synth, synth_on=synth_on, gen=gen
+                indices, batch_size=rank_batch, augment=tcfg.augment, synth=synth, synth_on=synth_on, gen=gen
             )
             stats = train_one_epoch(
-                model,
+                train_model,
                 optimizer,
                 loss_fn,
                 batches,
@@ -476,9 +496,15 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             f"classes {short} have fewer than {tcfg.dataset.val_per_class} training images left "
             "outside the long-tailed subset; the validation split holds what is left of them"
         )
+
+    def predict_split(split: str) -> torch.Tensor:
+        # each rank predicts its contiguous share, rank 0 gathers: every image counted exactly once
+        n = len(data.test_y if split == "test" else data.val_y)
+        idx = eval_shard(n, info) if info.enabled else None
+        return gather_cat(predict(model, feed.evaluate(split, ebs, indices=idx), amp=tcfg.amp)[0], info)
+
     if not reused:
-        p_test, _ = predict(model, feed.evaluate("test", ebs), amp=tcfg.amp)
-        p_val, _ = predict(model, feed.evaluate("val", ebs), amp=tcfg.amp)
+        p_test, p_val = predict_split("test"), predict_split("val")
         summary, val_summary = evaluate(p_test, p_val)
     if two_stage:
         if short:
@@ -493,6 +519,9 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             }
             _save_stage1(cache_dir, model, rows, stage1)
             record["stage1"].update(stage1, reused=False)
+        if not info.main:  # stage 2 is cheap: rank 0 does it alone, the others wait for it
+            barrier(info)
+            return record
         result = run_stage2(tcfg, model, data, feed, lambda p: summarize(p, data.test_y, counts, groups_cfg))
         summary, val_summary = evaluate(result.test_logits.argmax(1), result.val_logits.argmax(1))
         record["stage2"] = {"method": result.method, "chosen": result.chosen, "curve": result.curve}
@@ -511,18 +540,20 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
         wall_time_s=round(time.perf_counter() - t_start, 2),
     )
     atomic_write_json(out / METRICS, record)
-    console.print(
-        results_table(
-            record,
-            f"{record['label']} on {tcfg.dataset.name} "
-            f"(ratio {record['imbalance_ratio']:g}, seed {tcfg.seed}) — test, final epoch"
-            + (f", stage 2: {sched.stage2.method}" if two_stage else "")
-            + (
-                f" (tau {record['stage2']['chosen']['tau']:g}, chosen on validation)"
-                if "tau" in record.get("stage2", {}).get("chosen", {})
-                else ""
-            ),
+    if info.main:
+        console.print(
+            results_table(
+                record,
+                f"{record['label']} on {tcfg.dataset.name} "
+                f"(ratio {record['imbalance_ratio']:g}, seed {tcfg.seed}) — test, final epoch"
+                + (f", stage 2: {sched.stage2.method}" if two_stage else "")
+                + (
+                    f" (tau {record['stage2']['chosen']['tau']:g}, chosen on validation)"
+                    if "tau" in record.get("stage2", {}).get("chosen", {})
+                    else ""
+                ),
+            )
         )
-    )
-    console.print(f"run directory: {out}")
+        console.print(f"run directory: {out}")
+    barrier(info)
     return record

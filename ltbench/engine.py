@@ -30,6 +30,19 @@ class EpochStats:
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
+    def row(self, epoch: int, lr: float, **extra) -> dict:
+        """One line of a run's epoch log (epoch is 1-based)."""
+        return {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": round(self.loss, 6),
+            "train_acc": round(self.acc, 4),
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+            **extra,
+        }
+
 
 def autocast(device: torch.device, amp: bool):
     """bf16 autocast on CUDA; CPU runs stay in fp32 so they are bit-reproducible."""

@@ -436,19 +436,7 @@ def _train(tcfg: TrainConfig, out: Path, record: dict, resume_ckpt: dict | None,
             if not np.isfinite(stats.loss):
                 raise LtbenchError(f"training diverged at epoch {epoch + 1} (loss {stats.loss}); lower schedule.lr")
             progress.remove_task(batch_task)
-            rows.append(
-                {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": round(stats.loss, 6),
-                    "train_acc": round(stats.acc, 4),
-                    "images": stats.images,
-                    "seconds": round(stats.seconds, 3),
-                    "images_per_s": round(stats.images_per_s, 1),
-                    "reweight_on": weight is not None,
-                    "synth_on": synth_on,
-                }
-            )
+            rows.append(stats.row(epoch + 1, lr, reweight_on=weight is not None, synth_on=synth_on))
             progress.update(
                 ep_task,
                 advance=1,

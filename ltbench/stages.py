@@ -187,7 +187,6 @@ def run_stage2(
     data,
     feed,
     summarize_test: Callable[[torch.Tensor], dict],
-    on_epoch: Callable[[dict], None] | None = None,
 ) -> Stage2Result:
     """Apply ``cfg.schedule.stage2.method`` to a trained stage-1 ``model``; logits for the val and test sets."""
     s2 = cfg.schedule.stage2
@@ -252,19 +251,7 @@ def run_stage2(
                 gen=gen,
             )
             stats = train_one_epoch(net, opt, loss_fn, batches, gen=gen, amp=amp)
-            row = {
-                "stage": 2,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": round(stats.loss, 6),
-                "train_acc": round(stats.acc, 4),
-                "images": stats.images,
-                "seconds": round(stats.seconds, 3),
-                "images_per_s": round(stats.images_per_s, 1),
-            }
-            rows.append(row)
-            if on_epoch:
-                on_epoch(row)
+            rows.append(stats.row(epoch + 1, lr, stage=2))
         logits = {split: predict(net, feed.evaluate(split, bs), amp=amp)[1] for split in ("val", "test")}
         chosen = {"scales": [round(float(v), 4) for v in head.scales.detach().cpu()]} if method == "lws" else {}
         return Stage2Result(method, logits["test"], logits["val"], chosen, epochs=rows)

@@ -73,7 +73,7 @@ CONFIG_FILE, CHECKPOINT, EPOCH_LOG, INDICES = (
 
 # Keys that do not change what a run computes (or are the seed, which the report averages over).
 _NOT_IN_HASH = ("seed", "resume", "device", "amp", "progress", "results_dir", "num_threads", "stage1_cache")
-_NOT_IN_HASH_DATASET = ("root", "download")
+_NOT_IN_HASH_DATASET = ("root", "download", "split_dir", "num_workers", "check_files", "check_counts")
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -84,6 +84,7 @@ def config_hash(cfg: TrainConfig) -> str:
         d.pop(k, None)
     for k in _NOT_IN_HASH_DATASET:
         d["dataset"].pop(k, None)
+    d["schedule"].pop("eval_batch_size", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

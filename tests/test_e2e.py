@@ -75,7 +75,14 @@ def test_same_seed_same_numbers_other_seed_same_config_hash(compose_cfg, cifar10
     c = run(compose_cfg(*_fixture(cifar10_root), "seed=1"), tmp_path / "c")
     assert a["per_class_acc"] == b["per_class_acc"] and a["top1"] == b["top1"]
     assert a["config_hash"] == c["config_hash"] and a["split_hash"] == c["split_hash"]
-    assert compose_cfg(*_fixture(cifar10_root), "loss=focal") is not None
+    from ltbench.config import to_schema
+    from ltbench.runner import config_hash
+
+    same = [
+        to_schema(compose_cfg(*_fixture(cifar10_root), o))
+        for o in ("seed=3", "dataset.num_workers=1", "schedule.eval_batch_size=7")
+    ]
+    assert {config_hash(c) for c in same} == {a["config_hash"]}
     d = run(compose_cfg(*_fixture(cifar10_root), "loss=focal"), tmp_path / "d")
     assert d["config_hash"] != a["config_hash"]
 

@@ -227,6 +227,9 @@ def test_cli_help_and_listing(tmp_path):
     assert r.returncode == 0 and "ldam_drw" in r.stdout
     r = ltbench("train", "--cfg", "job", "strategy=focal", cwd=tmp_path)
     assert r.returncode == 0 and "name: focal" in r.stdout
+    line = "ltbench train strategy=ld"  # shell completion sees the subcommand in COMP_LINE
+    r = ltbench("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert r.returncode == 0 and "strategy=ldam_drw" in r.stdout.split()
     r = ltbench("report", str(tmp_path / "empty"), cwd=tmp_path)
     assert r.returncode == 2 and "no such directory" in r.stderr
 

@@ -128,14 +128,11 @@ def extract_features(model: nn.Module, batches, *, amp: bool) -> torch.Tensor:
     from ltbench.engine import autocast
 
     model.eval()
-    out = [model.features(x).float().cpu() for x, _ in _autocast_iter(batches, amp, autocast)]
-    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
-
-
-def _autocast_iter(batches, amp, autocast):
-    for x, y in batches:
+    out = []
+    for x, _ in batches:
         with autocast(x.device, amp):
-            yield x, y
+            out.append(model.features(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float | None:

@@ -162,7 +162,6 @@ def _select_tau(
     grid: list[float],
     logits_at: Callable[[float, str], torch.Tensor],
     val_y: torch.Tensor,
-    test_y: torch.Tensor,
     num_classes: int,
     summarize_test: Callable[[torch.Tensor], dict],
 ) -> tuple[float, list[dict]]:
@@ -196,10 +195,12 @@ def run_stage2(
     if method == "tau_norm" and not isinstance(model.head, nn.Linear):
         raise ConfigError("tau_norm needs a linear head (a cosine head has unit-norm class weights already)")
 
-    feats = {split: extract_features(model, feed.evaluate(split, bs), amp=amp) for split in ("val", "test")}
-    head_cpu = copy.deepcopy(model.head).cpu().float()
+    def split_features() -> dict[str, torch.Tensor]:
+        return {split: extract_features(model, feed.evaluate(split, bs), amp=amp) for split in ("val", "test")}
 
     if method in ("tau_norm", "posthoc_la"):
+        feats = split_features()
+        head_cpu = copy.deepcopy(model.head).cpu().float()
         if method == "tau_norm":
             cache = {tau: tau_normalized(head_cpu, tau) for tau in s2.tau_grid}
 
@@ -213,10 +214,11 @@ def run_stage2(
             def logits_at(tau: float, split: str) -> torch.Tensor:
                 return posthoc_adjust(base[split], data.class_counts, tau)
 
-        tau, curve = _select_tau(s2.tau_grid, logits_at, data.val_y, data.test_y, num_classes, summarize_test)
+        tau, curve = _select_tau(s2.tau_grid, logits_at, data.val_y, num_classes, summarize_test)
         return Stage2Result(method, logits_at(tau, "test"), logits_at(tau, "val"), {"tau": tau}, curve)
 
     if method == "ncm":
+        feats = split_features()
         train_feats = extract_features(model, feed.evaluate("train", bs), amp=amp)
         means = class_means(train_feats, data.train_y, num_classes)
         return Stage2Result(method, ncm_logits(feats["test"], means), ncm_logits(feats["val"], means))

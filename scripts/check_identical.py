@@ -126,7 +126,7 @@ def main() -> None:
                 for k, src in trees.items()
             }
         finally:
-            for k, src in trees.items():
+            for src in trees.values():
                 if src != REPO:
                     subprocess.run(
                         ["git", "-C", str(REPO), "worktree", "remove", "--force", str(src)], capture_output=True

@@ -41,42 +41,65 @@ def _train_app() -> None:
     from hydra.types import RunMode
     from omegaconf import DictConfig
 
-    import ltbench.config  # noqa: F401  (registers schemas and resolvers)
-    from ltbench.errors import LtbenchError
-    from ltbench.runner import run
+    import ltbench.conf  # noqa: F401  (registers every component, its schema and the resolvers)
+    from ltbench.errors import ConfigError, LtbenchError
+    from ltbench.runner import Terminated, run
 
     @hydra.main(config_path="pkg://ltbench.conf", config_name="train", version_base="1.3")
     def train(cfg: DictConfig) -> float | None:
         hc = HydraConfig.get()
         overrides = list(hc.overrides.task)
         multirun = hc.mode == RunMode.MULTIRUN
+        out_dir = Path(hc.runtime.output_dir)
         try:
-            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                if multirun:
-                    raise LtbenchError("do not combine --multirun with torchrun: launch one torchrun per run")
-                if not cfg.get("resume") and not any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
-                    raise LtbenchError(
-                        "under torchrun every rank runs ltbench: give the run directory explicitly, "
-                        "e.g. hydra.run.dir=results/runs/imagenetlt_r50"
-                    )
-            if cfg.get("resume"):
-                extra = [o for o in overrides if o.split("=", 1)[0] not in ("resume", "device", "progress")]
-                if extra:
-                    raise LtbenchError(
-                        f"resume continues a run with its saved config; drop the other overrides ({' '.join(extra)})"
-                    )
-            metrics = run(cfg, hc.runtime.output_dir, overrides=overrides)
+            _check_launch(cfg, hc, multirun)
+            metrics = run(cfg, out_dir, overrides=overrides)
         except LtbenchError as e:
+            if isinstance(e, ConfigError):
+                discard_unused_output_dir(out_dir, Path(str(cfg.get("results_dir", "results"))))
             if multirun:
                 # Hydra marks the job failed, runs the others, and the sweep exits non-zero at the end.
                 logging.getLogger("ltbench").error("%s", e)
                 raise
             _error(str(e), e.exit_code)
+        except Terminated:
+            sys.exit(143)
         except KeyboardInterrupt:
             sys.exit(130)
         return metrics.get("top1")
 
     train()
+
+
+def _check_launch(cfg, hc, multirun: bool) -> None:
+    from ltbench.errors import LtbenchError
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if multirun:
+            raise LtbenchError("do not combine --multirun with torchrun: launch one torchrun per run")
+        if not cfg.get("resume") and not any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+            raise LtbenchError(
+                "under torchrun every rank runs ltbench: give the run directory explicitly, "
+                "e.g. hydra.run.dir=results/runs/imagenetlt_r50"
+            )
+
+
+HYDRA_FILES = {".hydra", "train.log"}
+
+
+def discard_unused_output_dir(out: Path, results_dir: Path) -> None:
+    """A run refused for its config leaves nothing: remove the directory Hydra made for it when it holds only
+    Hydra's own files, and the parents that become empty (up to the results directory)."""
+    import shutil
+
+    if not out.is_dir() or not {p.name for p in out.iterdir()} <= HYDRA_FILES:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    stop = results_dir.resolve()
+    parent = out.resolve().parent
+    while parent != stop and stop in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def _report(argv: list[str]) -> None:
@@ -109,6 +132,16 @@ def _strategies(argv: list[str]) -> None:
     Console().print(t)
 
 
+def _load_components() -> None:
+    """Built-in components and $LTBENCH_PLUGINS, before any config is composed (commands that compose only)."""
+    try:
+        from ltbench.registry import load_components
+
+        load_components()
+    except Exception as e:  # a broken plugin: one line, not a traceback
+        _error(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = sys.argv[0]
@@ -122,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                 os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
                 os.environ["COMP_POINT"] = str(max(int(os.environ.get("COMP_POINT", len(line))) - 6, 0))
         sys.argv = [prog, *argv]
+        _load_components()
         _train_app()
         return
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -135,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         sys.argv = [prog, *rest]
+        _load_components()
         _train_app()
     elif cmd == "report":
         _report(rest)

@@ -1,8 +1,20 @@
-"""Typed configuration schemas.
+"""Typed configuration schemas, and the one marking of what identifies a run.
 
-Every config group has a dataclass schema registered in Hydra's ConfigStore as the group's ``_schema``; the YAML
-files in ``conf/`` extend it, so a misspelt key or a wrong type is rejected when the config is composed.
-Cross-field checks live in ``__post_init__`` and run on ``OmegaConf.to_object(cfg)`` (see :func:`to_schema`).
+The root schema is :class:`TrainConfig`. Each config group (``loss``, ``sampler``, ``dataset``...) is typed by a base
+schema here; every option of a group brings its own subclass, registered next to its code (see
+:mod:`ltbench.registry`), so a misspelt key or a wrong type fails when the config is composed. Cross-field checks
+live in ``__post_init__`` and run in :func:`to_schema`.
+
+Identity. Every field carries one of four marks (dataclass field metadata), and everything that must know whether a
+setting "changes the result" reads that mark (:mod:`ltbench.identity`): the config hash the report groups by, the
+content-addressed stage caches, the method label, the run directory names and which overrides ``resume`` accepts.
+
+- ``stage`` (the default): defines what is trained; in every key.
+- ``run`` (:func:`run_level`): identifies the run but not the network a stage trains (the strategy's name,
+  head/medium/tail groups, the validation split size): in the config hash, not in stage cache keys.
+- ``replicate`` (:func:`replicate`): what varies between repetitions of one experiment (the seed): in stage keys and
+  run directory names, not in the config hash, so the report averages over it.
+- ``none`` (:func:`runtime`): execution settings that cannot change the numbers (paths, device, workers, display).
 """
 
 from __future__ import annotations
@@ -11,24 +23,49 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ltbench.errors import ConfigError
 
-DATASETS = ("cifar10lt", "cifar100lt", "imagenetlt", "placeslt", "folder")
 PROFILES = ("exp", "step", "pareto")
+GROUPS = ("many", "medium", "few")
 GROUP_RULES = ("counts", "classes", "thirds")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MARK = "ltbench_identity"
+MARKS = ("stage", "run", "replicate", "none")
+
+
+def _marked(mark: str, default: Any, factory: Any) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={MARK: mark})
+    return field(default=default, metadata={MARK: mark})
+
+
+def runtime(default: Any = None, *, factory: Any = None) -> Any:
+    """A field that cannot change the results (paths, device, workers, display)."""
+    return _marked("none", default, factory)
+
+
+def run_level(default: Any = None, *, factory: Any = None) -> Any:
+    """A field that identifies the run but does not change what any stage trains (evaluation and naming)."""
+    return _marked("run", default, factory)
+
+
+def replicate(default: Any = None) -> Any:
+    """A field that varies between replicates of one experiment (the seed)."""
+    return _marked("replicate", default, None)
+
+
+# ------------------------------------------------------------------------------------------------- shared pieces
 
 
 @dataclass
 class GroupsConfig:
-    """How classes are split into many / medium / few-shot groups.
+    """How classes (or regression label bins) are split into many / medium / few-shot groups.
 
-    rule: ``counts`` (many > many_above training images, few < few_below, medium otherwise: the ImageNet-LT
-    convention), ``classes`` (explicit class-index lists), or ``thirds`` (by frequency rank, the most frequent
-    third is "many").
+    rule: ``counts`` (many > many_above training samples, few < few_below, medium otherwise: the ImageNet-LT and DIR
+    convention), ``classes`` (explicit index lists), or ``thirds`` (by frequency rank, the most frequent third is
+    "many").
     """
 
     rule: str = "counts"
@@ -50,164 +87,30 @@ class GroupsConfig:
 
 
 @dataclass
-class DatasetConfig:
-    name: str = MISSING
-    num_classes: int = MISSING
-    # None: $LTBENCH_DATA if set, else ./data (resolved in the runner, so it is recorded as used).
-    root: str | None = None
-    download: bool = True
-    # None: the split's own imbalance (published lists, or a folder's natural counts).
-    imbalance_ratio: float | None = 100.0
-    profile: str = "exp"
-    split_seed: int = 0
-    # Image-file datasets (imagenetlt, placeslt, folder)
-    split: str = "published"  # published lists | generated from the full train folder (imagenetlt, placeslt)
-    split_dir: str | None = None  # where the lists are (published; default: root) or go (generated)
-    max_count: int = 1280  # generated splits: images of the largest class
-    check_files: bool = True  # every listed image must exist
-    check_counts: bool = True  # published lists must have the published sizes
-    image_size: int = 224
-    resize: int = 256  # evaluation: resize the short side, then centre-crop image_size
-    num_workers: int = 4
-    # Balanced validation split (per class) from training images the long-tailed subset did not use; where a
-    # class has fewer left (CIFAR-10-LT's largest class keeps all 5000), it gets what is left and the run says so.
-    val_per_class: int = 20
-    groups: GroupsConfig = field(default_factory=GroupsConfig)
+class ScheduleConfig:
+    """How one stage trains: optimiser, batch size, epochs and the learning-rate schedule.
 
-    def __post_init__(self) -> None:
-        if self.name not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.name!r}; choose one of {', '.join(DATASETS)}")
-        if self.imbalance_ratio is not None and not self.imbalance_ratio >= 1:
-            raise ConfigError(f"dataset.imbalance_ratio must be >= 1, got {self.imbalance_ratio}")
-        if self.split not in ("published", "generated"):
-            raise ConfigError(f"dataset.split must be 'published' or 'generated', got {self.split!r}")
-        if self.val_per_class < 0:
-            raise ConfigError("dataset.val_per_class must be >= 0")
-        if self.profile not in PROFILES:
-            raise ConfigError(f"dataset.profile must be one of {PROFILES}, got {self.profile!r}")
-        if self.groups.rule == "classes":
-            for g in (self.groups.many, self.groups.medium, self.groups.few):
-                bad = [c for c in g if not 0 <= c < self.num_classes]
-                if bad:
-                    raise ConfigError(f"dataset.groups: class indices {bad} outside 0..{self.num_classes - 1}")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "resnet32"
-    head: str = "linear"  # linear | cosine
-    # Width multiplier of the CIFAR ResNet (1 = 16/32/64 channels); tests use tiny models.
-    width: int = 16
-    depth: int = 32
-
-
-@dataclass
-class LossConfig:
-    """One schema for every loss; each loss reads the fields it needs (see ltbench.losses)."""
-
-    name: str = "ce"
-    label_smoothing: float = 0.0
-    gamma: float = 0.0  # focal
-    alpha: float | None = None  # focal / sigmoid focal: weight of the positive term
-    max_m: float = 0.5  # LDAM: largest margin (Cao et al. 2019)
-    s: float = 30.0  # LDAM: logit scale (Cao et al. 2019)
-    tau: float = 1.0  # logit adjustment (Menon et al. 2021)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("loss.label_smoothing must be in [0, 1)")
-        if self.gamma < 0:
-            raise ConfigError("loss.gamma must be >= 0")
-
-
-@dataclass
-class SamplerConfig:
-    name: str = "instance"
-    # drs: epoch (0-indexed) from which class-balanced sampling replaces instance sampling.
-    start_epoch: int = 160
-
-
-@dataclass
-class ReweightConfig:
-    name: str = "none"  # none | inverse | sqrt_inverse | effective_number
-    beta: float = 0.9999  # effective number (Cui et al. 2019, CIFAR-LT setting)
-    # Deferred re-weighting (DRW, Cao et al. 2019): weights apply from this epoch (0-indexed) on.
-    start_epoch: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta < 1.0:
-            raise ConfigError("reweight.beta must be in [0, 1)")
-
-
-@dataclass
-class SynthConfig:
-    """Synthetic samples made inside the training batch."""
-
-    name: str = "none"  # none | mixup | remix | smote | noise
-    alpha: float = 1.0  # mixup/remix: Beta(alpha, alpha)
-    kappa: float = 3.0  # remix: count ratio above which the label goes to the minority class (Chou et al. 2020)
-    tau: float = 0.5  # remix: mixing-weight threshold (Chou et al. 2020)
-    k: int = 5  # smote: nearest same-class neighbours (Chawla et al. 2002)
-    sigma: float = 0.1  # noise: std of the Gaussian noise, on the [0, 1] pixel scale
-    # Stop synthesising in the last epochs (mixup-style methods are usually switched off at the end); None = never.
-    stop_epoch: int | None = None
-
-
-@dataclass
-class AugmentConfig:
-    crop: bool = True  # random crop with `padding` zero-padding
-    padding: int = 4
-    flip: bool = True
-    cutout: int = 0  # side of the Cutout square (DeVries & Taylor 2017: 16 on CIFAR-10); 0 = off
-    autoaugment: bool = False  # torchvision's CIFAR-10 AutoAugment policy, per image
-
-
-STAGE2_METHODS = ("none", "crt", "lws", "tau_norm", "ncm", "posthoc_la")
-
-
-@dataclass
-class Stage2Config:
-    """Stage 2 of decoupled training (Kang et al. 2020): only the classifier changes; the backbone is frozen.
-
-    crt: re-initialise and retrain the classifier; lws: learn one scale per class; tau_norm: w_c / ||w_c||^tau;
-    ncm: nearest class mean of normalised features; posthoc_la: logits - tau * log(prior) (Menon et al. 2021).
-    tau (tau_norm, posthoc_la) is chosen on the validation split, never on the test set.
+    The lr warms up linearly over ``warmup_epochs`` (epoch e gets lr * (e+1)/warmup, as in the CIFAR-LT reference),
+    then decays: ``step`` multiplies it by ``gamma`` at each milestone, ``cosine`` anneals it to 0.
+    ``optimizer``: sgd (momentum, nesterov), adam or adamw (betas, eps); ``no_decay``: parameter-name patterns
+    (fnmatch, e.g. ``*.bias``) trained without weight decay.
     """
 
-    method: str = "none"
-    epochs: int = 10  # crt / lws (Kang et al. 2020: 10 epochs)
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    sampler: str = "class_balanced"  # crt / lws retrain with class-balanced sampling
-    augment: bool = True  # crt / lws see the training augmentation
-    tau_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(21)])
-
-    def __post_init__(self) -> None:
-        if self.method not in STAGE2_METHODS:
-            raise ConfigError(f"schedule.stage2.method must be one of {STAGE2_METHODS}, got {self.method!r}")
-        if self.method != "none" and self.epochs < 1 and self.method in ("crt", "lws"):
-            raise ConfigError("schedule.stage2.epochs must be >= 1 for crt and lws")
-        if self.method in ("tau_norm", "posthoc_la") and not self.tau_grid:
-            raise ConfigError("schedule.stage2.tau_grid is empty")
-
-
-@dataclass
-class ScheduleConfig:
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.1
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 2e-4
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    no_decay: list[str] = field(default_factory=list)
     warmup_epochs: int = 5
     decay: str = "step"  # step | cosine
     milestones: list[int] = field(default_factory=lambda: [160, 180])
     gamma: float = 0.01  # step decay factor applied at each milestone (x0.01 at 160, x0.0001 at 180)
-    eval_batch_size: int = 1000
-    # Two-stage decoupled training: stage 1 is everything above (schedule.epochs), stage 2 adjusts the classifier.
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval_batch_size: int = runtime(1000)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -220,71 +123,243 @@ class ScheduleConfig:
             raise ConfigError("schedule.milestones must be increasing")
         if self.warmup_epochs < 0 or (self.warmup_epochs >= self.epochs and self.epochs > 1):
             raise ConfigError("schedule.warmup_epochs must be in [0, epochs)")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"schedule.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation of CIFAR-scale images (batched on tensors)."""
+
+    crop: bool = True  # random crop with `padding` zero-padding
+    padding: int = 4
+    flip: bool = True
+    cutout: int = 0  # side of the Cutout square (DeVries & Taylor 2017: 16 on CIFAR-10); 0 = off
+    autoaugment: bool = False  # torchvision's CIFAR-10 AutoAugment policy, per image
+
+
+# ---------------------------------------------------------------------------- base schemas of the config groups
+
+
+@dataclass
+class TaskConfig:
+    """What is predicted: ``classification`` or ``regression`` (ltbench.tasks)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    """Base of every dataset schema (ltbench.data). ``root`` None: $LTBENCH_DATA if set, else ./data."""
+
+    name: str = MISSING
+    root: str | None = runtime(None)
+    download: bool = runtime(True)
+    split_seed: int = 0
+    # Balanced validation split (per class): what methods select on (tau for tau-norm / post-hoc LA), never the test.
+    val_per_class: int = run_level(20)
+    groups: GroupsConfig = run_level(factory=GroupsConfig)
+
+    def __post_init__(self) -> None:
+        if self.val_per_class < 0:
+            raise ConfigError("dataset.val_per_class must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Base of every model schema (ltbench.models): a backbone with ``features(x)`` and a ``head``."""
+
+    name: str = MISSING
+    head: str = "linear"
+
+
+@dataclass
+class LossConfig:
+    """Base of every loss schema (ltbench.losses)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class SamplerConfig:
+    """Base of every sampler schema (ltbench.samplers)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class ReweightConfig:
+    """Base of every re-weighting schema (ltbench.reweight). Weights apply from ``start_epoch`` (0-indexed) on."""
+
+    name: str = MISSING
+    start_epoch: int = 0
+
+
+@dataclass
+class SynthConfig:
+    """Base of every synthetic-sample schema (ltbench.synth). ``stop_epoch``: stop synthesising from that epoch."""
+
+    name: str = MISSING
+    stop_epoch: int | None = None
+
+
+@dataclass
+class ClassifierConfig:
+    """Base of the classifier stage (decoupled training, stage 2; ltbench.classifier)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class PretrainConfig:
+    """Base of the pre-training stage (stage 0; ltbench.methods)."""
+
+    name: str = MISSING
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class SemiConfig:
+    """Base of the semi-supervised methods that join the training stage (ltbench.methods)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    """Base of the extra loggers (ltbench.loggers); epochs.csv is always written."""
+
+    name: str = runtime(MISSING)
 
 
 @dataclass
 class TrainConfig:
+    task: TaskConfig = MISSING
     dataset: DatasetConfig = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    reweight: ReweightConfig = field(default_factory=ReweightConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    model: ModelConfig = MISSING
+    loss: LossConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    reweight: ReweightConfig = MISSING
+    synth: SynthConfig = MISSING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    strategy: str = "ce"  # set by each conf/strategy preset; a label for tables and run directories
-    seed: int = 0
-    device: str = "auto"
-    # bf16 autocast on CUDA; ignored on CPU so CPU runs stay bit-reproducible.
+    pretrain: PretrainConfig | None = None  # stage 0 (ltbench train pretrain=...)
+    semi: SemiConfig | None = None  # semi-supervised learning in the training stage
+    classifier: ClassifierConfig | None = None  # stage 2 (decoupled classifier)
+    logger: LoggerConfig | None = runtime(None)
+    strategy: str = run_level("ce")  # set by each conf/strategy preset: a label for tables and directories
+    seed: int = replicate(0)
+    device: str = runtime("auto")
+    # bf16 autocast on CUDA (it changes the numbers there); ignored on CPU so CPU runs stay bit-reproducible.
     amp: bool = True
-    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
-    resume: str | None = None  # a run directory to continue
-    results_dir: str = "results"
-    # Where trained stage-1 backbones are cached for two-stage runs (key: everything that affects stage 1).
-    stage1_cache: str | None = None  # None: <results_dir>/stage1_cache
-    progress: bool = True
+    num_threads: int | None = runtime(None)  # torch CPU threads; None: torch's default (recorded either way)
+    resume: str | None = runtime(None)  # a run directory to continue
+    results_dir: str = runtime("results")
+    # Where finished stages are cached, content-addressed (default <results_dir>/stage_cache).
+    stage_cache: str | None = runtime(None)
+    progress: bool = runtime(True)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.loss.name == "ldam" and self.model.head != "cosine":
-            raise ConfigError("loss=ldam needs the cosine-normalised head (model.head=cosine)")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError("num_threads must be >= 1 (or null for torch's default)")
 
 
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, node in [
-        ("dataset", DatasetConfig),
-        ("model", ModelConfig),
-        ("loss", LossConfig),
-        ("sampler", SamplerConfig),
-        ("reweight", ReweightConfig),
-        ("synth", SynthConfig),
-        ("augment", AugmentConfig),
-        ("schedule", ScheduleConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
+# Config groups typed by a registry: the section of TrainConfig and the family name of its registry.
+REGISTERED_SECTIONS = {
+    "task": "task",
+    "dataset": "dataset",
+    "model": "model",
+    "loss": "loss",
+    "sampler": "sampler",
+    "reweight": "reweight",
+    "synth": "synth",
+    "pretrain": "pretrain",
+    "semi": "semi",
+    "classifier": "classifier",
+    "logger": "logger",
+}
 
 
-register_configs()
+def register_root() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-def to_schema(cfg: DictConfig | TrainConfig) -> TrainConfig:
-    """Resolve a composed config into the dataclass tree, running every cross-field check."""
+register_root()
+
+
+def _registered_schema(family: str, name: str) -> type | None:
+    """The schema registered as ``schema/<family>/<name>`` in Hydra's ConfigStore (None: not registered)."""
+    from hydra.core.config_store import ConfigStore
+
+    try:
+        node = ConfigStore.instance().load(f"schema/{family}/{name}.yaml")
+    except Exception:
+        return None
+    return OmegaConf.get_type(node.node)
+
+
+def _check_registered(cfg: TrainConfig) -> None:
+    """Every registered section names a known option typed by its own schema; then each option's own cross-section
+    checks (a schema may define ``check(root)``, e.g. LDAM needs the cosine head) run on the whole config."""
+    for section, family in REGISTERED_SECTIONS.items():
+        obj = getattr(cfg, section)
+        if obj is None:
+            continue
+        schema = _registered_schema(family, obj.name)
+        if schema is None:
+            from hydra.core.config_store import ConfigStore
+
+            known = sorted(n[: -len(".yaml")] for n in ConfigStore.instance().list(f"schema/{family}"))
+            raise ConfigError(f"unknown {family} {obj.name!r}; choose one of {', '.join(known)}")
+        if type(obj) is not schema:
+            raise ConfigError(
+                f"{section} {obj.name!r} is typed {type(obj).__name__}, not its schema {schema.__name__}: "
+                f"its YAML's defaults list must start with /schema/{family}/{obj.name}@_here_"
+            )
+    for section in REGISTERED_SECTIONS:
+        check = getattr(getattr(cfg, section), "check", None)
+        if check is not None:
+            check(cfg)
+
+
+def typed(data: dict) -> DictConfig:
+    """A plain config (a saved config.yaml, say) typed like a composed one: each registered section by the schema
+    of the option its ``name`` names."""
+    node = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), {k: v for k, v in data.items() if k not in REGISTERED_SECTIONS}
+    )
+    for section, family in REGISTERED_SECTIONS.items():
+        part = data.get(section)
+        if part is None:
+            continue
+        name = part.get("name") if isinstance(part, dict) else None
+        schema = _registered_schema(family, str(name))
+        if schema is None:
+            raise ConfigError(f"unknown {family} {name!r}")
+        node[section] = OmegaConf.merge(OmegaConf.structured(schema), part)
+    return node
+
+
+def to_schema(cfg: DictConfig | TrainConfig | dict) -> TrainConfig:
+    """Resolve a composed (or saved) config into the dataclass tree, running every cross-field check."""
     if isinstance(cfg, TrainConfig):
         return cfg
     try:
-        obj = OmegaConf.to_object(cfg)
+        if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
+            obj = OmegaConf.to_object(cfg)
+        else:  # not composed against the schema
+            plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+            obj = OmegaConf.to_object(typed(plain))  # type: ignore[arg-type]
     except ConfigError:
         raise
     except Exception as e:  # omegaconf validation errors: keep the message, drop the traceback
         raise ConfigError(str(e).splitlines()[0]) from e
-    if not isinstance(obj, TrainConfig):
-        # A plain DictConfig (not composed against the schema): merge it onto the schema.
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        obj = OmegaConf.to_object(merged)
     assert isinstance(obj, TrainConfig)
+    _check_registered(obj)
     return obj
 
 
@@ -296,19 +371,3 @@ def as_plain(cfg: Any) -> dict:
     """A JSON/YAML-ready dict of a config (dataclass or DictConfig), interpolations resolved."""
     node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-
-
-def _ratio_tag(ratio: Any) -> str:
-    """100.0 -> '100', 12.5 -> '12.5', None -> 'natural': imbalance ratios in directory names."""
-    return "natural" if ratio in (None, "None", "null") else f"{float(ratio):g}"
-
-
-def _run_dir(resume: Any, default: str) -> str:
-    """hydra.run.dir: a resumed run continues in its own directory (if it is one; else the runner says so)."""
-    if resume not in (None, "", "None", "null") and os.path.exists(os.path.join(str(resume), "config.yaml")):
-        return str(resume)
-    return default
-
-
-OmegaConf.register_new_resolver("ratio_tag", _ratio_tag, replace=True)
-OmegaConf.register_new_resolver("ltbench_run_dir", _run_dir, replace=True)

@@ -8,11 +8,10 @@ from collections.abc import Iterator
 import torch
 
 from ltbench.config import AugmentConfig, DatasetConfig
+from ltbench.core import Batch
 from ltbench.data import LTData
 from ltbench.data.augment import augment_batch, cutout, normalize
 from ltbench.synth import Synthesizer
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def tensor_batches(
@@ -42,7 +41,7 @@ def tensor_batches(
         x = normalize(x, mean, std)
         if augment is not None and augment.cutout:
             x = cutout(x, augment.cutout, gen)
-        yield x, y
+        yield Batch(x, y, idx)
 
 
 class DataFeed:
@@ -79,7 +78,11 @@ class DataFeed:
             ds = self._train_files if augment is not None else self._train_plain
             from ltbench.data.images import loader_batches
 
-            yield from loader_batches(ds, indices, batch_size, self.cfg.num_workers, self.device, gen)
+            for start, (x, y) in zip(
+                range(0, len(indices), batch_size),
+                loader_batches(ds, indices, batch_size, self.cfg.num_workers, self.device, gen),
+            ):
+                yield Batch(x, y, indices[start : start + batch_size])
             return
         yield from tensor_batches(
             self.train_x,
@@ -102,7 +105,8 @@ class DataFeed:
 
             ds = self._train_plain if split == "train" else self._eval[split]
             order = torch.arange(len(ds)) if indices is None else indices
-            yield from loader_batches(ds, order, batch_size, self.cfg.num_workers, self.device, torch.Generator())
+            for x, y in loader_batches(ds, order, batch_size, self.cfg.num_workers, self.device, torch.Generator()):
+                yield Batch(x, y)
             return
         x_all = {"train": data.train_x, "val": data.val_x, "test": data.test_x}[split]
         y_all = {"train": data.train_y, "val": data.val_y, "test": data.test_y}[split]
@@ -111,4 +115,4 @@ class DataFeed:
             x_all, y_all = x_all[indices], y_all[indices]
         for start in range(0, len(x_all), batch_size):
             xb = x_all[start : start + batch_size].to(self.device, non_blocking=True)
-            yield normalize(xb, data.mean, data.std), y_all[start : start + batch_size]
+            yield Batch(normalize(xb, data.mean, data.std), y_all[start : start + batch_size])

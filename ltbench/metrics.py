@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ltbench.config import GroupsConfig
+from ltbench.config import GROUPS, GroupsConfig
 
-GROUPS = ("many", "medium", "few")
+__all__ = ["GROUPS", "class_groups", "group_accuracy", "per_class_accuracy", "summarize"]
 
 
 def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float | None]:
@@ -65,7 +65,3 @@ def summarize(pred: torch.Tensor, target: torch.Tensor, class_counts: Sequence[i
         "groups": groups,
         "per_class_acc": per_class,
     }
-
-
-def fmt_acc(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"

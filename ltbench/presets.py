@@ -1,9 +1,12 @@
-"""The strategy presets shipped in conf/strategy, with the summary and reference from their header comments."""
+"""What conf/ ships: the strategy presets (with the summary and reference from their header comments), and the
+text of ``ltbench train --help``, generated from the config groups so it lists every option and nothing else."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -26,3 +29,32 @@ def list_strategies() -> list[Preset]:
                     fields[key] = line.split(":", 1)[1].strip()
         out.append(Preset(entry.name[: -len(".yaml")], fields["summary"], fields["reference"]))
     return out
+
+
+def group_options() -> dict[str, list[str]]:
+    """Every config group of conf/ with its options (the hidden schema group excluded)."""
+    root = resources.files("ltbench.conf")
+    out = {}
+    for d in sorted(root.iterdir(), key=lambda e: e.name):
+        if d.is_dir() and not d.name.startswith(("_", ".")):
+            out[d.name] = sorted(e.name[: -len(".yaml")] for e in d.iterdir() if e.name.endswith(".yaml"))
+    return out
+
+
+def help_text() -> str:
+    lines = [
+        "ltbench train: train and evaluate one configuration (a Hydra app; see the README).",
+        "",
+        "  ltbench train strategy=ldam_drw dataset=cifar100lt seed=1",
+        "  ltbench train --multirun strategy=ce,focal,ldam_drw seed=0,1,2",
+        "  ltbench train resume=<run directory>",
+        "",
+        "Config groups (group=option):",
+    ]
+    lines += [f"  {g}: {', '.join(opts)}" for g, opts in group_options().items()]
+    lines += ["", "Any key can be overridden: schedule.epochs=30 loss.gamma=2 dataset.imbalance_ratio=50", ""]
+    lines += ["== Config ==", "$CONFIG", "== Flags ==", "$FLAGS_HELP"]
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("ltbench_help", help_text, replace=True)

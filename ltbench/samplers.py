@@ -1,19 +1,31 @@
-"""Samplers: each epoch, a stream of indices into the training set.
+"""Samplers: each epoch, a stream of indices into the training set, registered by name.
 
 A sampler is a pure function of (labels, epoch, generator), so a run resumes exactly at an epoch boundary and
 every process of a multi-GPU job draws the same global stream; :func:`shard` then gives each rank an interleaved
 slice. Every draw is independent of its position (or the stream is shuffled), so each rank's slice has the same
-class distribution as the whole stream: class balance survives sharding.
+class distribution as the whole stream: class balance survives sharding. "Class" is the task's label bin (a class,
+or a regression target bin), so every sampler works for both tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ltbench.config import SamplerConfig
-from ltbench.errors import ConfigError
+from ltbench.registry import Registry
+
+SampleFn = Callable[..., torch.Tensor]
+SAMPLERS: Registry[SampleFn] = Registry("sampler", SamplerConfig)
+
+
+@dataclass
+class DRSConfig(SamplerConfig):
+    name: str = "drs"
+    # epoch (0-indexed) from which class-balanced sampling replaces instance sampling
+    start_epoch: int = 160
 
 
 class ClassIndex:
@@ -39,18 +51,21 @@ class ClassIndex:
         return self.order[self.offsets[classes] + within]
 
 
-def _power(q: float) -> Callable:
+def _power(q: float, doc: str) -> SampleFn:
     def sample(ci: ClassIndex, epoch: int, epochs: int, cfg: SamplerConfig, gen) -> torch.Tensor:
         return ci.draw(ci.counts.double().pow(q), ci.n, gen)
 
+    sample.__doc__ = doc
     return sample
 
 
+@SAMPLERS.register("instance", SamplerConfig)
 def instance(ci, epoch, epochs, cfg, gen):
     """Every image once per epoch, in random order."""
     return torch.randperm(ci.n, generator=gen)
 
 
+@SAMPLERS.register("progressive", SamplerConfig)
 def progressive(ci, epoch, epochs, cfg, gen):
     """Progressively balanced (Kang et al. 2020): p_c = (1 - t) n_c / N + t / C, t going 0 -> 1 over training.
 
@@ -67,6 +82,7 @@ def _shuffle(parts: list[torch.Tensor], gen) -> torch.Tensor:
     return stream[torch.randperm(len(stream), generator=gen)]
 
 
+@SAMPLERS.register("oversample", SamplerConfig)
 def oversample(ci, epoch, epochs, cfg, gen):
     """Random over-sampling: each class's images repeated up to the largest count (the remainder drawn without
     replacement), so every class has exactly max_count entries; then shuffled."""
@@ -81,6 +97,7 @@ def oversample(ci, epoch, epochs, cfg, gen):
     return _shuffle(parts, gen)
 
 
+@SAMPLERS.register("undersample", SamplerConfig)
 def undersample(ci, epoch, epochs, cfg, gen):
     """Random under-sampling: each class cut to the smallest count, a fresh random subset every epoch."""
     nonzero = ci.counts[ci.counts > 0]
@@ -93,6 +110,7 @@ def undersample(ci, epoch, epochs, cfg, gen):
     return _shuffle(parts, gen)
 
 
+@SAMPLERS.register("class_reorg", SamplerConfig)
 def class_reorg(ci, epoch, epochs, cfg, gen):
     """Class reorganisation: for every class, max_count uniform random draws among its images (with
     replacement), concatenated and shuffled: each class appears exactly max_count times per epoch."""
@@ -105,32 +123,34 @@ def class_reorg(ci, epoch, epochs, cfg, gen):
     return _shuffle(parts, gen)
 
 
+@SAMPLERS.register("drs", DRSConfig)
 def drs(ci, epoch, epochs, cfg, gen):
     """Deferred re-sampling (Cao et al. 2019): instance sampling before ``start_epoch``, class-balanced after."""
     if epoch < cfg.start_epoch:
         return instance(ci, epoch, epochs, cfg, gen)
-    return SAMPLERS["class_balanced"](ci, epoch, epochs, cfg, gen)
+    return class_balanced(ci, epoch, epochs, cfg, gen)
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "instance": instance,
-    "class_balanced": _power(0.0),
-    "sqrt": _power(0.5),
-    "progressive": progressive,
-    "oversample": oversample,
-    "undersample": undersample,
-    "class_reorg": class_reorg,
-    "drs": drs,
-}
+class_balanced = SAMPLERS.register("class_balanced", SamplerConfig)(
+    _power(0.0, "Class-balanced: a class uniformly, then one of its images.")
+)
+SAMPLERS.register("sqrt", SamplerConfig)(
+    _power(0.5, "Square-root sampling: class probability proportional to sqrt(count).")
+)
+
+
+def sampler_config(name: str, **settings) -> SamplerConfig:
+    """The config of a registered sampler by name (e.g. the classifier stage's ``sampler: class_balanced``)."""
+    schema = SAMPLERS.schema(name)
+    assert schema is not None
+    return schema(name=name, **settings)
 
 
 class Sampler:
     def __init__(self, cfg: SamplerConfig, labels: torch.Tensor, num_classes: int, epochs: int) -> None:
-        if cfg.name not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {cfg.name!r}; choose one of {', '.join(SAMPLERS)}")
         self.cfg, self.epochs = cfg, epochs
         self.index = ClassIndex(labels, num_classes)
-        self.fn = SAMPLERS[cfg.name]
+        self.fn = SAMPLERS.get(cfg.name).builder
 
     def epoch_indices(self, epoch: int, gen: torch.Generator) -> torch.Tensor:
         """The global index stream of one epoch (the same on every rank for the same generator)."""

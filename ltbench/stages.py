@@ -1,258 +1,334 @@
-"""Two-stage decoupled training (Kang et al. 2020): stage-2 classifier methods and the stage-1 cache.
+"""A run is an ordered list of stages: ``pretrain`` (optional), ``train``, ``classifier`` (optional).
 
-Stage 1 trains the whole network (any strategy). Stage 2 freezes the backbone (BatchNorm statistics included) and
-changes only how features become logits:
+Each stage changes the network and hands it to the next; every stage that trains does so through the one loop
+(:func:`ltbench.fit.fit`), with the progress bar, the epoch log, a checkpoint every epoch and the loggers as hooks.
 
-- ``crt``: a freshly initialised classifier retrained with class-balanced sampling;
-- ``lws``: the stage-1 classifier kept, one learnable scale per class (logits * s_c), class-balanced sampling;
-- ``tau_norm``: each class weight vector w_c divided by ||w_c||^tau (the bias is left as it is, so tau=0 is the
-  stage-1 classifier);
-- ``ncm``: nearest class mean: cosine similarity to the mean of the L2-normalised training features of each class;
-- ``posthoc_la``: logits - tau * log(prior) (Menon et al. 2021).
-
-tau is chosen on the validation split (balanced accuracy: the mean per-class accuracy over the classes it holds),
-never on the test set; the whole curve, validation and test, is recorded.
+Stages are content-addressed (:func:`ltbench.identity.stage_key`: the settings a stage reads, the seed, the data
+split and the key of the stage before it). A finished stage that another stage follows is cached under that key, so
+a sweep over classifier methods trains one backbone, and a sweep over training methods with a shared pre-training
+stage pre-trains once. A run resumes inside whichever stage its last checkpoint belongs to.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-from collections.abc import Callable
+import logging
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
 from torch import nn
 
-from ltbench.config import SamplerConfig, TrainConfig, as_plain
-from ltbench.engine import lr_at, predict, train_one_epoch
-from ltbench.errors import ConfigError
-from ltbench.losses import CrossEntropy
-from ltbench.models.heads import build_head
-from ltbench.samplers import Sampler
+from ltbench.classifier import CLASSIFIERS, FrozenBackbone
+from ltbench.config import AugmentConfig, SamplerConfig, ScheduleConfig, TrainConfig
+from ltbench.data import LTData
+from ltbench.dist import DistInfo, eval_shard, gather_cat
+from ltbench.feed import DataFeed
+from ltbench.fit import Epoch, Hook, Trainer, fit, predict
+from ltbench.hooks import CheckpointHook, EpochLogHook, ProgressHook
+from ltbench.identity import stage_key
+from ltbench.losses import build_loss
+from ltbench.losses.classification import CrossEntropy
+from ltbench.methods import PRETRAIN, SEMI, Method
+from ltbench.methods.supervised import Supervised
+from ltbench.optim import build_optimizer, model_groups
+from ltbench.reweight import Reweighting
+from ltbench.rundir import RunDir, atomic_torch_save, atomic_write_json
+from ltbench.samplers import Sampler, sampler_config, shard
 from ltbench.seeding import derive_seed, generator
+from ltbench.synth import Synthesizer
+from ltbench.tasks import LabelStats, Task
+
+log = logging.getLogger("ltbench")
 
 
-def stage1_key(cfg: TrainConfig, split_hash: str) -> str:
-    """Cache key of a stage-1 backbone: every setting that changes stage-1 training, the seed and the data split.
-
-    Left out: stage 2, the strategy name (a label), the validation split and head/medium/tail groups (they do not
-    touch training), paths, device and display settings.
-    """
-    import ltbench
-
-    d = as_plain(cfg)
-    for k in ("strategy", "resume", "device", "progress", "results_dir", "num_threads", "stage1_cache"):
-        d.pop(k, None)
-    d["schedule"].pop("stage2", None)
-    d["schedule"].pop("eval_batch_size", None)
-    for k in ("root", "download", "val_per_class", "groups"):
-        d["dataset"].pop(k, None)
-    d["split_hash"] = split_hash
-    d["ltbench_version"] = ltbench.__version__
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ heads
-
-
-class ScaledHead(nn.Module):
-    """LWS: a frozen classifier whose logits are multiplied by one learnable scale per class (initially 1)."""
-
-    def __init__(self, head: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.head = head
-        for p in self.head.parameters():
-            p.requires_grad_(False)
-        self.scales = nn.Parameter(torch.ones(num_classes))
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.head(f) * self.scales
-
-
-class FrozenBackbone(nn.Module):
-    """A stage-1 model whose feature extractor stays frozen and in eval mode; only ``head`` trains."""
-
-    def __init__(self, model: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = model
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.head = head
-
-    def train(self, mode: bool = True) -> FrozenBackbone:
-        super().train(mode)
-        self.backbone.eval()  # BatchNorm statistics stay those of stage 1
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            f = self.backbone.features(x)
-        return self.head(f.float())
-
-
-def tau_normalized(head: nn.Linear, tau: float) -> nn.Linear:
-    """A copy of a linear classifier with w_c / ||w_c||^tau (bias unchanged)."""
-    out = copy.deepcopy(head)
-    with torch.no_grad():
-        norms = head.weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        out.weight.copy_(head.weight / norms.pow(tau))
-    return out
-
-
-def posthoc_adjust(logits: torch.Tensor, class_counts, tau: float) -> torch.Tensor:
-    """logits - tau * log(prior), prior = n_c / N."""
-    n = torch.as_tensor(list(class_counts), dtype=logits.dtype, device=logits.device)
-    return logits - tau * torch.log(n / n.sum())
-
-
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C x D means of the L2-normalised features of each class (zero for a class without images)."""
-    f = F.normalize(features, dim=1)
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
-    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).to(f.dtype)
-    return sums / counts[:, None]
-
-
-def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each normalised feature to each normalised class mean."""
-    return F.normalize(features, dim=1) @ F.normalize(means, dim=1).T
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, batches, *, amp: bool) -> torch.Tensor:
-    """Backbone features (N x D, float32, CPU) of every batch, in order."""
-    from ltbench.engine import autocast
-
-    model.eval()
-    out = []
-    for x, _ in batches:
-        with autocast(x.device, amp):
-            out.append(model.features(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
-
-
-def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float | None:
-    """Mean per-class accuracy (%) over the classes present in ``target``; None if it is empty."""
-    if len(target) == 0:
-        return None
-    total = torch.bincount(target, minlength=num_classes)
-    correct = torch.bincount(target[pred == target], minlength=num_classes)
-    present = total > 0
-    return float((correct[present].double() / total[present].double()).mean() * 100.0)
-
-
-# ------------------------------------------------------------------------------------------------ stage 2
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
-class Stage2Result:
-    method: str
-    test_logits: torch.Tensor
-    val_logits: torch.Tensor
-    chosen: dict[str, Any] = field(default_factory=dict)
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    epochs: list[dict[str, Any]] = field(default_factory=list)
+class RunContext:
+    """What every stage of one run shares."""
+
+    cfg: TrainConfig
+    data: LTData
+    task: Task
+    stats: LabelStats
+    feed: DataFeed
+    device: torch.device
+    info: DistInfo
+    rundir: RunDir
+    record: dict[str, Any]
+    console: Console
+    progress: Progress
+    loggers: list[Hook] = field(default_factory=list)
+
+    def predict(self, model: nn.Module, split: str, features: bool = False) -> torch.Tensor:
+        """Outputs (or features) of a whole split; each rank predicts its share, every rank gets all of them."""
+        n = len(getattr(self.data, f"{split}_y"))
+        idx = eval_shard(n, self.info) if self.info.enabled else None
+        bs = self.cfg.schedule.eval_batch_size
+        task = self.progress.add_task(f"  {'features' if features else 'predict'} {split}", total=n, info="")
+        try:
+            batches = self.feed.evaluate(split, bs, indices=idx)
+            advance = lambda k: self.progress.update(task, advance=k)  # noqa: E731
+            out = predict(model, batches, amp=self.cfg.amp, features=features, on_batch=advance)
+        finally:
+            self.progress.remove_task(task)
+        return gather_cat(out, self.info)
+
+    def evaluate(self, outputs: torch.Tensor, split: str) -> dict[str, Any]:
+        target = getattr(self.data, f"{split}_y")
+        return self.task.evaluate(outputs, target, self.stats, self.cfg.dataset.groups)
 
 
-def _select_tau(
-    grid: list[float],
-    logits_at: Callable[[float, str], torch.Tensor],
-    val_y: torch.Tensor,
-    num_classes: int,
-    summarize_test: Callable[[torch.Tensor], dict],
-) -> tuple[float, list[dict]]:
-    curve, best_tau, best = [], grid[0], -1.0
-    for tau in grid:
-        val_acc = balanced_accuracy(logits_at(tau, "val").argmax(1), val_y, num_classes)
-        test = summarize_test(logits_at(tau, "test").argmax(1))
-        curve.append(
-            {"tau": tau, "val_balanced_acc": val_acc, **{k: test[k] for k in ("top1", "many", "medium", "few")}}
+@dataclass
+class StageResult:
+    model: nn.Module
+    record: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+    outputs: dict[str, torch.Tensor] | None = None  # val/test outputs the stage already computed
+
+
+class Stage:
+    """One stage of a run. ``sections``: the config sections that define what it trains (its cache key)."""
+
+    name = "stage"
+    title = "stage"  # how messages name it
+    record_key = "stage"
+    sections: tuple[str, ...] = ()
+    stream = ""  # prefix of its random streams (the names predate stages: kept so results stay identical)
+
+    def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
+        return None
+
+    def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- training a stage
+
+
+@dataclass
+class StageSpec:
+    """How a stage trains: the module to optimise, its method, schedule, sampler, augmentation, synthesis."""
+
+    net: nn.Module
+    method: Method
+    schedule: ScheduleConfig
+    sampler: SamplerConfig
+    augment: AugmentConfig | None
+    synth: Synthesizer | None = None
+
+
+def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> list[dict]:
+    """Train a stage through :func:`fit`, resuming from its checkpoint; returns its epoch-log rows."""
+    cfg, info = ctx.cfg, ctx.info
+    sched = spec.schedule
+    module = spec.method.wrap(spec.net)
+    optimizer = build_optimizer(sched, model_groups(module, sched.no_decay) + spec.method.param_groups())
+    start, rows = 0, []
+    if ckpt is not None:
+        spec.net.load_state_dict(ckpt["model"])
+        spec.method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start, rows = int(ckpt["epoch"]), list(ckpt["log"])
+    sampler = Sampler(spec.sampler, ctx.stats.bin_of(ctx.data.train_y), ctx.stats.num_bins, sched.epochs)
+    if sched.batch_size % info.world_size:
+        raise ValueError(f"batch size {sched.batch_size} is not divisible by the {info.world_size} processes")
+    rank_batch = sched.batch_size // info.world_size  # the global batch is schedule.batch_size
+    rank = [info.rank] if info.enabled else []
+
+    def batches(ep: Epoch):
+        stream = sampler.epoch_indices(ep.index, generator(cfg.seed, ep.index, f"{stage.stream}sampler"))
+        indices = shard(stream, info.rank, info.world_size)
+        ep.size = len(indices)
+        synth_on = spec.synth is not None and spec.synth.active(ep.index)
+        return ctx.feed.train(
+            indices, batch_size=rank_batch, augment=spec.augment, synth=spec.synth, synth_on=synth_on, gen=ep.gen
         )
-        if val_acc is not None and val_acc > best:  # first maximum: ties go to the smaller tau
-            best_tau, best = tau, val_acc
-    return best_tau, curve
+
+    trainer = Trainer(
+        stage.name,
+        _ddp(module, ctx, find_unused=module is not spec.net),
+        spec.method,
+        optimizer,
+        sched,
+        batches,
+        lambda e: generator(cfg.seed, e, f"{stage.stream}batch", *rank),
+        ctx.task,
+        cfg.amp,
+        start,
+        rows,
+    )
+    fit(trainer, _hooks(ctx, stage, trainer, spec))
+    return trainer.rows
 
 
-def run_stage2(
-    cfg: TrainConfig,
-    model: nn.Module,
-    data,
-    feed,
-    summarize_test: Callable[[torch.Tensor], dict],
-) -> Stage2Result:
-    """Apply ``cfg.schedule.stage2.method`` to a trained stage-1 ``model``; logits for the val and test sets."""
-    s2 = cfg.schedule.stage2
-    method, num_classes = s2.method, data.num_classes
-    bs, amp = cfg.schedule.eval_batch_size, cfg.amp
-    if method in ("tau_norm", "posthoc_la") and len(data.val_y) == 0:
-        raise ConfigError(
-            f"{method} chooses tau on the validation split, which is empty: set dataset.val_per_class > 0"
-        )
-    if method == "tau_norm" and not isinstance(model.head, nn.Linear):
-        raise ConfigError("tau_norm needs a linear head (a cosine head has unit-norm class weights already)")
+def _hooks(ctx: RunContext, stage: Stage, tr: Trainer, spec: StageSpec) -> list[Hook]:
+    def state(ep: Epoch) -> dict[str, Any]:
+        return {
+            "stage": stage.name,
+            "epoch": ep.index + 1,
+            "model": spec.net.state_dict(),
+            "method": spec.method.state_dict(),
+            "optimizer": tr.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "config_hash": ctx.record["config_hash"],
+            "split_hash": ctx.data.split_hash,
+            "log": tr.rows,
+            "stages": {k: ctx.record[k] for k in ("pretrain", "stage1") if k in ctx.record},
+        }
 
-    def split_features() -> dict[str, torch.Tensor]:
-        return {split: extract_features(model, feed.evaluate(split, bs), amp=amp) for split in ("val", "test")}
+    return [
+        ProgressHook(ctx.progress, f"{stage.name}", tr.schedule.epochs, tr.start_epoch),
+        EpochLogHook(ctx.rundir, stage.name, tr.rows),
+        CheckpointHook(ctx.rundir, stage.name, state),
+        *ctx.loggers,
+    ]
 
-    if method in ("tau_norm", "posthoc_la"):
-        feats = split_features()
-        head_cpu = copy.deepcopy(model.head).cpu().float()
-        if method == "tau_norm":
-            cache = {tau: tau_normalized(head_cpu, tau) for tau in s2.tau_grid}
 
-            def logits_at(tau: float, split: str) -> torch.Tensor:
-                with torch.no_grad():
-                    return cache[tau](feats[split])
-        else:
-            with torch.no_grad():
-                base = {k: head_cpu(v) for k, v in feats.items()}
+def _ddp(module: nn.Module, ctx: RunContext, find_unused: bool) -> nn.Module:
+    """Under torchrun, gradients are averaged across ranks by DistributedDataParallel. A method that wraps the model
+    in its own module (a rotation head on the features) leaves the model's head unused: DDP is told so."""
+    if not ctx.info.enabled or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
 
-            def logits_at(tau: float, split: str) -> torch.Tensor:
-                return posthoc_adjust(base[split], data.class_counts, tau)
+    ids = [ctx.device] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
-        tau, curve = _select_tau(s2.tau_grid, logits_at, data.val_y, num_classes, summarize_test)
-        return Stage2Result(method, logits_at(tau, "test"), logits_at(tau, "val"), {"tau": tau}, curve)
 
-    if method == "ncm":
-        feats = split_features()
-        train_feats = extract_features(model, feed.evaluate("train", bs), amp=amp)
-        means = class_means(train_feats, data.train_y, num_classes)
-        return Stage2Result(method, ncm_logits(feats["test"], means), ncm_logits(feats["val"], means))
+# ------------------------------------------------------------------------------------------------ the stages
 
-    if method in ("crt", "lws"):
+
+class PretrainStage(Stage):
+    """Stage 0: self-supervised pre-training of the backbone (``pretrain=rotation``); the head is left as it was."""
+
+    name, title, record_key, stream = "pretrain", "pre-training", "pretrain", "pretrain-"
+    sections = ("task", "dataset", "model", "augment", "pretrain")
+
+    def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
+        assert cfg.pretrain is not None
+        return cfg.pretrain.schedule
+
+    def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
+        cfg = ctx.cfg
+        assert cfg.pretrain is not None
+        method = PRETRAIN.build(cfg.pretrain, model, ctx).to(ctx.device)
+        spec = StageSpec(model, method, cfg.pretrain.schedule, sampler_config("instance"), cfg.augment)
+        rows = train(ctx, self, spec, ckpt)
+        return StageResult(model, {"method": cfg.pretrain.name, **method.summary()}, rows)
+
+
+class TrainStage(Stage):
+    """Stage 1: the network trained on the labels with the run's loss, sampler, re-weighting and synthesis (and
+    the unlabeled data of a semi-supervised method)."""
+
+    name, title, record_key, stream = "train", "stage 1", "stage1", ""
+    sections = ("task", "dataset", "model", "loss", "sampler", "reweight", "synth", "augment", "schedule", "semi")
+
+    def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
+        return cfg.schedule
+
+    def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
+        cfg, data = ctx.cfg, ctx.data
+        loss = build_loss(cfg.loss, ctx.stats).to(ctx.device)
+        reweight = Reweighting(cfg.reweight, ctx.stats.counts)
+        synth = Synthesizer(cfg.synth, data.train_x, data.train_y, ctx.stats.counts)
+        method: Method = Supervised(loss, ctx.task, reweight, synth)
+        if cfg.semi is not None:
+            method = SEMI.build(cfg.semi, method, model, ctx)
+        spec = StageSpec(model, method.to(ctx.device), cfg.schedule, cfg.sampler, cfg.augment, synth)
+        rows = train(ctx, self, spec, ckpt)
+        return StageResult(method.eval_model(model), method.summary(), rows)
+
+
+class ClassifierStage(Stage):
+    """Stage 2 of decoupled training: a new classifier on the frozen backbone (``classifier=crt|lws|...``)."""
+
+    name, title, record_key, stream = "classifier", "stage 2", "stage2", "stage2-"
+    sections = ("classifier",)
+
+    def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
+        return getattr(cfg.classifier, "schedule", None)
+
+    def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
+        cfg = ctx.cfg
+        assert cfg.classifier is not None
+        m = CLASSIFIERS.build(cfg.classifier)
+        record: dict[str, Any] = {"method": cfg.classifier.name, "chosen": {}, "curve": []}
+        if not m.fits:
+            feats = {split: ctx.predict(model, split, features=True) for split in m.needs}
+            post = m.apply(model, feats, ctx.data, lambda out: ctx.evaluate(out, "test"))
+            model.head = post.head.to(ctx.device)
+            record.update(chosen=post.chosen, curve=post.curve)
+            if post.curve:
+                ctx.rundir.write_csv("tau_curve.csv", post.curve)
+            return StageResult(model, record, outputs=post.outputs)
         torch.manual_seed(derive_seed(cfg.seed, "stage2-init"))
-        if method == "crt":
-            head = build_head(cfg.model.head, model.feature_dim, num_classes)
-        else:
-            head = ScaledHead(copy.deepcopy(model.head), num_classes)
-        net = FrozenBackbone(model, head).to(feed.device)
-        params = [p for p in net.head.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
-        sampler = Sampler(SamplerConfig(name=s2.sampler), data.train_y, num_classes, s2.epochs)
-        loss_fn = CrossEntropy(data.class_counts).to(feed.device)
-        rows = []
-        for epoch in range(s2.epochs):
-            lr = lr_at(epoch, s2.lr, s2.epochs, 0, "cosine", [], 1.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = sampler.epoch_indices(epoch, generator(cfg.seed, epoch, "stage2-sampler"))
-            gen = generator(cfg.seed, epoch, "stage2-batch")
-            batches = feed.train(
-                idx,
-                batch_size=s2.batch_size,
-                augment=cfg.augment if s2.augment else None,
-                synth=None,
-                synth_on=False,
-                gen=gen,
-            )
-            stats = train_one_epoch(net, opt, loss_fn, batches, gen=gen, amp=amp)
-            rows.append(stats.row(epoch + 1, lr, stage=2))
-        logits = {split: predict(net, feed.evaluate(split, bs), amp=amp)[1] for split in ("val", "test")}
-        chosen = {"scales": [round(float(v), 4) for v in head.scales.detach().cpu()]} if method == "lws" else {}
-        return Stage2Result(method, logits["test"], logits["val"], chosen, epochs=rows)
+        head = m.head(model, cfg.model.head, ctx.data.num_classes)
+        net = FrozenBackbone(model, head).to(ctx.device)
+        method = Supervised(CrossEntropy(ctx.stats).to(ctx.device), ctx.task)
+        augment = cfg.augment if cfg.classifier.augment else None
+        spec = StageSpec(net, method, cfg.classifier.schedule, sampler_config(cfg.classifier.sampler), augment)
+        rows = train(ctx, self, spec, ckpt)
+        model.head = head
+        record["chosen"] = m.chosen(head)
+        return StageResult(model, record, rows)
 
-    raise ConfigError(f"unknown stage-2 method {method!r}")
+
+def plan(cfg: TrainConfig) -> list[Stage]:
+    """The stages of a run, in order."""
+    stages: list[Stage] = [PretrainStage()] if cfg.pretrain is not None else []
+    stages.append(TrainStage())
+    if cfg.classifier is not None:
+        stages.append(ClassifierStage())
+    return stages
+
+
+def stage_keys(cfg: TrainConfig, stages: list[Stage], split_hash: str) -> list[str]:
+    keys: list[str] = []
+    for s in stages:
+        keys.append(stage_key(cfg, s.sections, keys[-1] if keys else None, split_hash, s.name))
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.stage_cache or Path(cfg.results_dir) / "stage_cache")
+
+
+def save_cached(path: Path, model: nn.Module, rows: dict[str, list], records: dict[str, Any]) -> None:
+    atomic_torch_save(path / "model.pt", {"model": model.state_dict(), "rows": rows})
+    atomic_write_json(path / "record.json", records)  # written last: its presence marks a complete entry
+
+
+def load_cached(path: Path) -> dict | None:
+    """A cached stage (model state, epoch-log rows per stage, records), or None (absent or unreadable: the stage
+    is trained again)."""
+    if not (path / "model.pt").exists() or not (path / "record.json").exists():
+        return None
+    try:
+        import json
+
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        return {
+            "model": state["model"],
+            "rows": state["rows"],
+            "records": json.loads((path / "record.json").read_text()),
+        }
+    except Exception as e:
+        log.warning("ignoring unreadable stage cache %s (%s)", path, e)
+        return None
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 2)

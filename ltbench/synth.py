@@ -21,8 +21,34 @@ import torch
 
 from ltbench.config import SynthConfig
 from ltbench.errors import ConfigError
+from ltbench.registry import Registry
 
-SYNTHS = ("none", "mixup", "remix", "smote", "noise")
+SYNTHS: Registry[type[Synthesizer]] = Registry("synth", SynthConfig)
+
+
+@dataclass
+class MixupConfig(SynthConfig):
+    name: str = "mixup"
+    alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
+
+
+@dataclass
+class RemixConfig(MixupConfig):
+    name: str = "remix"
+    kappa: float = 3.0  # count ratio above which the label goes to the minority class (Chou et al. 2020)
+    tau: float = 0.5  # mixing-weight threshold (Chou et al. 2020)
+
+
+@dataclass
+class SmoteConfig(SynthConfig):
+    name: str = "smote"
+    k: int = 5  # nearest same-class neighbours (Chawla et al. 2002)
+
+
+@dataclass
+class NoiseConfig(SynthConfig):
+    name: str = "noise"
+    sigma: float = 0.1  # std of the Gaussian noise, on the [0, 1] pixel scale
 
 
 @dataclass
@@ -90,8 +116,7 @@ class Synthesizer:
     def __init__(
         self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int]
     ) -> None:
-        if cfg.name not in SYNTHS:
-            raise ConfigError(f"unknown synth {cfg.name!r}; choose one of {', '.join(SYNTHS)}")
+        SYNTHS.get(cfg.name)
         if cfg.name in ("smote", "noise") and train_x is None:
             raise ConfigError(
                 f"synth={cfg.name} works on CIFAR-scale tensor data only (image files have no pixel array)"
@@ -146,3 +171,13 @@ class Synthesizer:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "replace_p": [round(float(p), 4) for p in self.replace_p]}
+
+
+for _name, _schema in [
+    ("none", SynthConfig),
+    ("mixup", MixupConfig),
+    ("remix", RemixConfig),
+    ("smote", SmoteConfig),
+    ("noise", NoiseConfig),
+]:
+    SYNTHS.register(_name, _schema)(Synthesizer)

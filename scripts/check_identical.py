@@ -30,18 +30,24 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 src, data, out, strategies = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4].split(",")
+extra = [o for o in sys.argv[6].split(" ") if o]
 sys.path.insert(0, str(src))
 import torch
 torch.set_num_threads(int(sys.argv[5]))
 from hydra import compose, initialize_config_dir
-import ltbench.config  # registers the schemas
+try:  # components register their schemas (and resolvers) when loaded
+    from ltbench.registry import load_components
+    load_components()
+    import ltbench.identity, ltbench.presets
+except ImportError:  # revisions before the registries: importing the config registers the schemas
+    import ltbench.config
 from ltbench.runner import run
 result = {}
 with initialize_config_dir(str(src / "conf"), version_base="1.3"):
     for s in strategies:
         cfg = compose("train", overrides=[
             "experiment=smoke", f"strategy={s}", f"dataset.root={data}", "dataset.download=false",
-            "dataset.imbalance_ratio=10", "device=cpu", "progress=false", f"results_dir={out / 'results'}",
+            "dataset.imbalance_ratio=10", "device=cpu", "progress=false", f"results_dir={out / 'results'}", *extra,
         ])
         m = run(cfg, out / s)
         rows = (out / s / "epochs.csv").read_text().splitlines()
@@ -84,10 +90,20 @@ def write_fixture(root: Path) -> None:
         pickle.dump({b"data": vx.reshape(len(vx), -1), b"labels": list(map(int, vy))}, f)
 
 
-def run_side(src: Path, data: Path, out: Path, strategies: list[str], threads: int) -> dict:
+def run_side(src: Path, data: Path, out: Path, strategies: list[str], threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(data), str(out), ",".join(strategies), str(threads)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(src),
+            str(data),
+            str(out),
+            ",".join(strategies),
+            str(threads),
+            " ".join(extra),
+        ],
         cwd=src,
         capture_output=True,
         text=True,
@@ -115,6 +131,7 @@ def main() -> None:
     p.add_argument("--head", default=None, help="the revision to check (default: the working tree)")
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--overrides", nargs="*", default=[], help="more overrides for both sides, e.g. model.width=16")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -122,7 +139,7 @@ def main() -> None:
         trees = {"base": source_tree(args.base, tmp, "base"), "head": source_tree(args.head, tmp, "head")}
         try:
             res = {
-                k: run_side(src, tmp / "data", tmp / f"out_{k}", args.strategies, args.threads)
+                k: run_side(src, tmp / "data", tmp / f"out_{k}", args.strategies, args.threads, args.overrides)
                 for k, src in trees.items()
             }
         finally:

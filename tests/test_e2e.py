@@ -10,7 +10,7 @@ import torch
 from conftest import SMOKE
 from hydra import compose, initialize_config_module
 
-import ltbench.runner as runner_mod
+import ltbench.fit as fit_mod
 from ltbench.presets import list_strategies
 from ltbench.report import report
 from ltbench.runner import CHECKPOINT, run
@@ -76,11 +76,11 @@ def test_same_seed_same_numbers_other_seed_same_config_hash(compose_cfg, cifar10
     assert a["per_class_acc"] == b["per_class_acc"] and a["top1"] == b["top1"]
     assert a["config_hash"] == c["config_hash"] and a["split_hash"] == c["split_hash"]
     from ltbench.config import to_schema
-    from ltbench.runner import config_hash
+    from ltbench.identity import config_hash
 
     same = [
         to_schema(compose_cfg(*_fixture(cifar10_root), o))
-        for o in ("seed=3", "dataset.num_workers=1", "schedule.eval_batch_size=7")
+        for o in ("seed=3", "num_threads=1", "schedule.eval_batch_size=7")
     ]
     assert {config_hash(c) for c in same} == {a["config_hash"]}
     d = run(compose_cfg(*_fixture(cifar10_root), "loss=focal"), tmp_path / "d")
@@ -91,7 +91,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(compose_cfg, cifar10
     overrides = [*_fixture(cifar10_root), "schedule.epochs=3", "strategy=mixup"]
     full = run(compose_cfg(*overrides), tmp_path / "full")
 
-    real = runner_mod.train_one_epoch
+    real = fit_mod.train_epoch
     calls = {"n": 0}
 
     def interrupt_on_second_epoch(*a, **k):
@@ -100,13 +100,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(compose_cfg, cifar10
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(runner_mod, "train_one_epoch", interrupt_on_second_epoch)
+    monkeypatch.setattr(fit_mod, "train_epoch", interrupt_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(compose_cfg(*overrides), tmp_path / "cut")
     rec = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert rec["status"] == "interrupted"
     assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(runner_mod, "train_one_epoch", real)
+    monkeypatch.setattr(fit_mod, "train_epoch", real)
 
     resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
     assert resumed["status"] == "completed" and resumed["resumed_at_epoch"] == [1]
@@ -164,13 +164,14 @@ def test_cli_sweep_then_report(cifar10_root, tmp_path):
 
 @pytest.mark.slow
 def test_cli_failed_job_does_not_stop_the_sweep(cifar10_root, tmp_path):
+    # one job's data is missing (a failure of the run, not of its config): recorded as failed, the other completes
     r = ltbench(
         "train",
         "-m",
         *SMOKE,
-        f"dataset.root={cifar10_root}",
+        f"dataset.root={cifar10_root},{tmp_path / 'missing'}",
         "dataset.download=false",
-        "dataset.imbalance_ratio=0.5,10",
+        "dataset.imbalance_ratio=10",
         f"results_dir={tmp_path}",
         cwd=tmp_path,
     )
@@ -178,9 +179,26 @@ def test_cli_failed_job_does_not_stop_the_sweep(cifar10_root, tmp_path):
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
     assert sorted(x["status"] for x in recs) == ["completed", "failed"]
     failed = next(x for x in recs if x["status"] == "failed")
-    assert "imbalance_ratio" in failed["error"]
+    assert "download=false" in failed["error"]
     r = ltbench("report", str(tmp_path), "--no-plots", cwd=tmp_path)
     assert r.returncode == 0 and "Runs not included" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_config_error_in_a_sweep_leaves_no_run_behind(cifar10_root, tmp_path):
+    r = ltbench(
+        "train",
+        "-m",
+        *SMOKE,
+        *_fixture(cifar10_root)[:2],
+        "dataset.imbalance_ratio=0.5,10",
+        f"results_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert r.returncode != 0 and "imbalance_ratio must be >= 1" in r.stderr + r.stdout
+    recs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    assert [x["status"] for x in recs] == ["completed"]  # the refused job left nothing
+    assert not list(tmp_path.rglob("*_ir0.5*"))
 
 
 @pytest.mark.slow
@@ -212,9 +230,21 @@ def test_cli_unreadable_checkpoint(cifar10_root, tmp_path):
     rec = json.loads((run_dir / "metrics.json").read_text())
     rec["status"] = "interrupted"
     (run_dir / "metrics.json").write_text(json.dumps(rec))
+    # the last checkpoint is damaged, the previous one (epoch 1) is good: resume from it and finish
     (run_dir / CHECKPOINT).write_bytes(b"garbage")
     r = ltbench("train", f"resume={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        "previous checkpoint" in r.stderr and json.loads((run_dir / "metrics.json").read_text())["top1"] == rec["top1"]
+    )
+    # both damaged: one clear line saying what to do
+    rec["status"] = "interrupted"
+    (run_dir / "metrics.json").write_text(json.dumps(rec))
+    (run_dir / CHECKPOINT).write_bytes(b"garbage")
+    (run_dir / "checkpoint.prev.pt").write_bytes(b"")
+    r = ltbench("train", f"resume={run_dir}", cwd=tmp_path)
     assert r.returncode == 2 and "unreadable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "start the run again" in r.stderr
 
 
 @pytest.mark.slow

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE, make_image_tree, shared_lists
+from conftest import make_image_tree, shared_lists
 from hydra import compose, initialize_config_module
 
-from ltbench.config import DatasetConfig, GroupsConfig
-from ltbench.data import build_dataset
+from ltbench.config import GroupsConfig
+from ltbench.data import FolderConfig, ImageListConfig, build_dataset
 from ltbench.data.imagelist import (
     EXPECTED,
     check_counts,
@@ -20,7 +20,15 @@ from ltbench.data.imagelist import (
 from ltbench.errors import DataError
 from ltbench.runner import run
 
+# experiment=smoke shrinks the CIFAR ResNet; a torchvision backbone has no depth/width, so the short schedule is
+# spelled out here.
 TINY = [
+    "progress=false",
+    "device=cpu",
+    "schedule=short",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=[1]",
     "model=resnet10",
     "dataset.image_size=32",
     "dataset.resize=36",
@@ -31,7 +39,7 @@ TINY = [
 ]
 
 
-def ds(root, **kw) -> DatasetConfig:
+def ds(root, **kw) -> ImageListConfig:
     base = {
         "name": "imagenetlt",
         "num_classes": 4,
@@ -42,7 +50,7 @@ def ds(root, **kw) -> DatasetConfig:
         "val_per_class": 2,
         "groups": GroupsConfig(),
     }
-    return DatasetConfig(**{**base, **kw})
+    return ImageListConfig(**{**base, **kw})
 
 
 def test_read_split_list_and_bad_lines(tmp_path):
@@ -119,13 +127,13 @@ def test_folder_dataset_natural_and_induced(tmp_path):
     root = make_image_tree(tmp_path / "f", num_classes=3, train_per_class=20, test_per_class=2)
     (root / "val").rename(root / "test")
     nat = build_dataset(
-        DatasetConfig(
+        FolderConfig(
             name="folder", num_classes=3, root=str(root), imbalance_ratio=None, val_per_class=2, groups=GroupsConfig()
         )
     )
     assert nat.class_counts == [18, 18, 18] and len(nat.val_y) == 6
     ind = build_dataset(
-        DatasetConfig(
+        FolderConfig(
             name="folder", num_classes=3, root=str(root), imbalance_ratio=4.0, val_per_class=2, groups=GroupsConfig()
         )
     )
@@ -135,7 +143,7 @@ def test_folder_dataset_natural_and_induced(tmp_path):
 @pytest.fixture(scope="module")
 def compose_cfg():
     with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *TINY, *o])
+        yield lambda *o: compose("train", overrides=[*TINY, *o])
 
 
 @pytest.mark.parametrize("strategy", ["ce", "class_balanced_sampling", "crt"])

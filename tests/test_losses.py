@@ -6,16 +6,17 @@ import torch.nn.functional as F
 
 from ltbench.config import LossConfig, ReweightConfig
 from ltbench.errors import ConfigError
-from ltbench.losses import (
+from ltbench.losses import build_loss, mixed_loss
+from ltbench.losses.classification import (
     LDAM,
+    BalancedSoftmaxConfig,
+    CEConfig,
     Focal,
+    LDAMConfig,
     LogitAdjusted,
-    Reweighting,
     SigmoidFocal,
-    build_loss,
-    class_weights,
-    mixed_loss,
 )
+from ltbench.reweight import EffectiveNumberConfig, Reweighting, class_weights
 
 COUNTS = [500, 200, 80, 30, 10]
 
@@ -36,7 +37,7 @@ def manual_ce(logits, target):
 
 def test_ce_matches_torch_including_weighted_mean(batch):
     logits, target, w = batch
-    loss = build_loss(LossConfig(name="ce"), COUNTS)
+    loss = build_loss(CEConfig(), COUNTS)
     assert torch.allclose(loss(logits, target), F.cross_entropy(logits, target))
     assert torch.allclose(loss(logits, target, w), F.cross_entropy(logits, target, weight=w))
     assert torch.allclose(
@@ -48,7 +49,7 @@ def test_ce_matches_torch_including_weighted_mean(batch):
 
 def test_label_smoothing(batch):
     logits, target, _ = batch
-    loss = build_loss(LossConfig(name="ce", label_smoothing=0.1), COUNTS)
+    loss = build_loss(CEConfig(label_smoothing=0.1), COUNTS)
     logp = logits.log_softmax(1)
     expected = (0.9 * -logp[torch.arange(64), target] + 0.1 * -logp.mean(1)).mean()
     assert torch.allclose(loss(logits, target), expected, atol=1e-6)
@@ -96,7 +97,7 @@ def test_ldam_margins_and_formula(batch):
 def test_balanced_softmax_and_logit_adjust(batch):
     logits, target, _ = batch
     n = torch.tensor(COUNTS, dtype=torch.float32)
-    bs = build_loss(LossConfig(name="balanced_softmax"), COUNTS)
+    bs = build_loss(BalancedSoftmaxConfig(), COUNTS)
     assert torch.allclose(bs(logits, target), F.cross_entropy(logits + n.log(), target), atol=1e-5)
     la = LogitAdjusted(COUNTS, tau=1.0)
     assert torch.allclose(la(logits, target), bs(logits, target), atol=1e-5)
@@ -105,7 +106,7 @@ def test_balanced_softmax_and_logit_adjust(batch):
 
 
 def test_losses_follow_module_device_via_buffers():
-    loss = build_loss(LossConfig(name="ldam"), COUNTS)
+    loss = build_loss(LDAMConfig(), COUNTS)
     assert {name for name, _ in loss.named_buffers()} == {"counts", "margins"}
 
 
@@ -124,7 +125,7 @@ def test_effective_number_beta_zero_is_uniform():
 
 
 def test_drw_switches_on_at_start_epoch():
-    rw = Reweighting(ReweightConfig(name="effective_number", start_epoch=160), COUNTS)
+    rw = Reweighting(EffectiveNumberConfig(start_epoch=160), COUNTS)
     assert rw.at(0) is None and rw.at(159) is None
     assert torch.allclose(rw.at(160), class_weights("effective_number", COUNTS))
     assert Reweighting(ReweightConfig(name="none"), COUNTS).at(199) is None
@@ -132,7 +133,7 @@ def test_drw_switches_on_at_start_epoch():
 
 def test_mixed_loss_reduces_to_plain_loss(batch):
     logits, target, w = batch
-    loss = build_loss(LossConfig(name="ce"), COUNTS)
+    loss = build_loss(CEConfig(), COUNTS)
     other = target.roll(1)
     ones = torch.ones(64)
     assert torch.allclose(mixed_loss(loss, logits, target, other, ones, w), loss(logits, target, w), atol=1e-6)
@@ -147,8 +148,15 @@ def test_mixed_loss_reduces_to_plain_loss(batch):
 def test_bad_loss_settings_rejected():
     with pytest.raises(ConfigError, match="unknown loss"):
         build_loss(LossConfig(name="nope"), COUNTS)
-    with pytest.raises(ConfigError, match="label_smoothing"):
-        build_loss(LossConfig(name="focal", label_smoothing=0.1), COUNTS)
+    # Each loss has its own schema: a setting it does not have is rejected when the config is composed.
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+
+    with (
+        initialize_config_module("ltbench.conf", version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match="label_smoothing"),
+    ):
+        compose("train", overrides=["loss=focal", "loss.label_smoothing=0.1"])
     with pytest.raises(ConfigError, match="reweight"):
         class_weights("nope", COUNTS)
 

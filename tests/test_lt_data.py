@@ -3,8 +3,8 @@ import pytest
 import torch
 from conftest import make_cifar
 
-from ltbench.config import DatasetConfig, GroupsConfig
-from ltbench.data import build_dataset
+from ltbench.config import GroupsConfig
+from ltbench.data import CifarLTConfig, build_dataset
 from ltbench.data.cifar import load_cifar
 from ltbench.data.lt import lt_counts, lt_subset, split_hash
 from ltbench.errors import DataError
@@ -69,7 +69,7 @@ def test_fixture_roundtrip_and_dataset_build(cifar10_root):
     tx, ty, vx, _, names = load_cifar(cifar10_root, 10, download=False)
     assert tx.shape == (400, 3, 32, 32) and tx.dtype == np.uint8 and vx.shape == (100, 3, 32, 32)
     assert names[0] == "class0"
-    cfg = DatasetConfig(
+    cfg = CifarLTConfig(
         name="cifar10lt", num_classes=10, root=str(cifar10_root), imbalance_ratio=10, groups=GroupsConfig()
     )
     d = build_dataset(cfg)
@@ -83,7 +83,7 @@ def test_fixture_roundtrip_and_dataset_build(cifar10_root):
 
 
 def test_cifar100_format(cifar100_root):
-    cfg = DatasetConfig(
+    cfg = CifarLTConfig(
         name="cifar100lt", num_classes=100, root=str(cifar100_root), imbalance_ratio=10, groups=GroupsConfig()
     )
     d = build_dataset(cfg)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import real_data_root, requires_real_cifar10
 
-from ltbench.config import DatasetConfig, GroupsConfig
-from ltbench.data import build_dataset
+from ltbench.config import GroupsConfig
+from ltbench.data import CifarLTConfig, build_dataset
 from ltbench.data.cifar import load_cifar
 from ltbench.metrics import class_groups
 
@@ -34,7 +34,7 @@ def test_files_are_the_original_cifar10():
 
 @pytest.fixture(scope="module")
 def cifar10lt():
-    cfg = DatasetConfig(
+    cfg = CifarLTConfig(
         name="cifar10lt",
         num_classes=10,
         root=str(real_data_root()),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ltbench.config import SamplerConfig
-from ltbench.samplers import Sampler, shard
+from ltbench.samplers import DRSConfig, Sampler, sampler_config, shard
 
 COUNTS = [400, 160, 64, 25, 10]
 LABELS = torch.repeat_interleave(torch.arange(5), torch.tensor(COUNTS))[
@@ -12,7 +12,7 @@ N = sum(COUNTS)
 
 
 def hist(name, epoch=0, epochs=10, reps=40, **kw):
-    s = Sampler(SamplerConfig(name=name, **kw), LABELS, 5, epochs)
+    s = Sampler(sampler_config(name, **kw), LABELS, 5, epochs)
     draws = torch.cat([s.epoch_indices(epoch, torch.Generator().manual_seed(r)) for r in range(reps)])
     return torch.bincount(LABELS[draws], minlength=5).double() / len(draws), s
 
@@ -84,7 +84,7 @@ def test_class_reorg_fills_every_class_to_max():
 
 
 def test_drs_switches_at_start_epoch():
-    s = Sampler(SamplerConfig(name="drs", start_epoch=3), LABELS, 5, 10)
+    s = Sampler(DRSConfig(start_epoch=3), LABELS, 5, 10)
     before = s.epoch_indices(2, torch.Generator().manual_seed(0))
     assert sorted(before.tolist()) == list(range(N))
     p, _ = hist("drs", epoch=3, start_epoch=3)

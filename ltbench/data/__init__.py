@@ -1,15 +1,20 @@
-"""Datasets: a long-tailed training subset and a balanced test set, held as uint8 tensors."""
+"""Datasets: a long-tailed training subset, a balanced validation split and a balanced test set.
+
+Each dataset registers a builder ``(cfg, workdir) -> LTData`` with its own config schema in :data:`DATASETS`.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 
-from ltbench.config import DatasetConfig, default_data_root
+from ltbench.config import PROFILES, DatasetConfig, default_data_root, runtime
 from ltbench.data.cifar import load_cifar
 from ltbench.data.imagelist import (
     EXPECTED,
@@ -25,6 +30,75 @@ from ltbench.data.imagelist import (
 )
 from ltbench.data.lt import array_fingerprint, lt_counts, lt_split, split_hash
 from ltbench.errors import ConfigError, DataError
+from ltbench.registry import Registry
+
+
+@dataclass
+class ClassDatasetConfig(DatasetConfig):
+    """A class-labelled dataset. ``imbalance_ratio``: n_max / n_min of the training subset (None: the split's own
+    imbalance, for published lists or a folder's natural counts); ``profile``: exp | step | pareto."""
+
+    num_classes: int = MISSING
+    imbalance_ratio: float | None = 100.0
+    profile: str = "exp"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        r = self.imbalance_ratio
+        if r is not None and not (math.isfinite(r) and r >= 1):
+            raise ConfigError(f"dataset.imbalance_ratio must be >= 1 (and finite), got {r}")
+        if self.num_classes < 1:
+            raise ConfigError(f"dataset.num_classes must be >= 1, got {self.num_classes}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"dataset.profile must be one of {PROFILES}, got {self.profile!r}")
+        if self.groups.rule == "classes":
+            for g in (self.groups.many, self.groups.medium, self.groups.few):
+                bad = [c for c in g if not 0 <= c < self.num_classes]
+                if bad:
+                    raise ConfigError(f"dataset.groups: class indices {bad} outside 0..{self.num_classes - 1}")
+
+
+@dataclass
+class CifarLTConfig(ClassDatasetConfig):
+    name: str = "cifar10lt"
+
+
+@dataclass
+class ImageFilesConfig(ClassDatasetConfig):
+    """Image files decoded by DataLoader workers."""
+
+    image_size: int = 224
+    resize: int = 256  # evaluation: resize the short side, then centre-crop image_size
+    num_workers: int = runtime(4)  # augmentation draws do not depend on it (seeded per image)
+    check_files: bool = runtime(True)  # every listed image must exist
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size < 1 or self.resize < self.image_size:
+            raise ConfigError("dataset.image_size must be >= 1 and dataset.resize >= image_size")
+        if self.num_workers < 0:
+            raise ConfigError("dataset.num_workers must be >= 0")
+
+
+@dataclass
+class ImageListConfig(ImageFilesConfig):
+    """ImageNet-LT / Places-LT: published split lists, or a split generated from the full train folder."""
+
+    split: str = "published"  # published lists | generated from the full train folder
+    split_dir: str | None = runtime(None)  # where the lists are (published; default: root) or go (generated)
+    max_count: int = 1280  # generated splits: images of the largest class
+    check_counts: bool = runtime(True)  # published lists must have the published sizes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split not in ("published", "generated"):
+            raise ConfigError(f"dataset.split must be 'published' or 'generated', got {self.split!r}")
+
+
+@dataclass
+class FolderConfig(ImageFilesConfig):
+    name: str = "folder"
+    imbalance_ratio: float | None = None
 
 
 @dataclass
@@ -62,22 +136,12 @@ class LTData:
         return len(self.class_counts)
 
 
-_BUILDERS: dict[str, Callable[[DatasetConfig], LTData]] = {}
-
-
-def register_dataset(name: str):
-    def deco(fn):
-        _BUILDERS[name] = fn
-        return fn
-
-    return deco
+DATASETS: Registry[Callable[..., LTData]] = Registry("dataset", DatasetConfig)
 
 
 def build_dataset(cfg: DatasetConfig, workdir: str | Path = ".") -> LTData:
     """The dataset of a config; ``workdir`` is where generated split lists go unless dataset.split_dir says."""
-    if cfg.name not in _BUILDERS:
-        raise ConfigError(f"unknown dataset {cfg.name!r}; choose one of {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[cfg.name](cfg, Path(workdir))
+    return DATASETS.get(cfg.name).builder(cfg, Path(workdir))
 
 
 # Per-channel statistics of the CIFAR training sets (the constants of the CIFAR-LT reference code).
@@ -85,7 +149,8 @@ _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def _cifar_lt(cfg: DatasetConfig, workdir: Path) -> LTData:
+def _cifar_lt(cfg: CifarLTConfig, workdir: Path) -> LTData:
+    """CIFAR-10/100-LT: the published long-tailed construction (Cao et al. 2019), seeded and recorded."""
     root = cfg.root or default_data_root()
     train_x, train_y, test_x, test_y, names = load_cifar(root, cfg.num_classes, cfg.download)
     per_class = np.bincount(train_y, minlength=cfg.num_classes)
@@ -120,8 +185,8 @@ def _cifar_lt(cfg: DatasetConfig, workdir: Path) -> LTData:
     )
 
 
-register_dataset("cifar10lt")(_cifar_lt)
-register_dataset("cifar100lt")(_cifar_lt)
+DATASETS.register("cifar10lt", CifarLTConfig)(_cifar_lt)
+DATASETS.register("cifar100lt", CifarLTConfig)(_cifar_lt)
 
 # ImageNet statistics, for every image-file dataset.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,7 +194,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _files_data(
-    cfg: DatasetConfig,
+    cfg: ImageFilesConfig,
     root: Path,
     train: SplitList,
     val: SplitList,
@@ -170,39 +235,37 @@ def _files_data(
     )
 
 
-def _published_or_generated(cfg: DatasetConfig, workdir: Path) -> LTData:
+def _published_or_generated(cfg: ImageListConfig, workdir: Path) -> LTData:
     """ImageNet-LT / Places-LT: the published split lists, or a split generated from the full train folder."""
     root = Path(cfg.root or default_data_root()).expanduser()
+    return _published(cfg, root) if cfg.split == "published" else _generated(cfg, root, workdir)
+
+
+def _published(cfg: ImageListConfig, root: Path) -> LTData:
     names = LIST_NAMES[cfg.name]
-    if cfg.split == "published":
-        split_dir = Path(cfg.split_dir).expanduser() if cfg.split_dir else root
-        train, val, test = (read_split_list(split_dir / n) for n in names)
-        problems = [
-            p
-            for w, s in zip(("train", "val", "test"), (train, val, test))
-            for p in check_counts(cfg.name, w, s, EXPECTED[cfg.name])
-        ]
-        if problems and cfg.check_counts:
-            raise DataError(
-                f"{cfg.name} split lists in {split_dir} differ from the published ones: "
-                + "; ".join(problems)
-                + " (dataset.check_counts=false accepts them)"
-            )
-        idx = np.arange(len(train))
-        return _files_data(
-            cfg,
-            root,
-            train,
-            val,
-            test,
-            idx,
-            np.arange(len(val)),
-            [],
-            {w: str(split_dir / n) for w, n in zip(("train", "val", "test"), names)},
+    split_dir = Path(cfg.split_dir).expanduser() if cfg.split_dir else root
+    train, val, test = (read_split_list(split_dir / n) for n in names)
+    problems = [
+        p
+        for w, s in zip(("train", "val", "test"), (train, val, test))
+        for p in check_counts(cfg.name, w, s, EXPECTED[cfg.name])
+    ]
+    if problems and cfg.check_counts:
+        raise DataError(
+            f"{cfg.name} split lists in {split_dir} differ from the published ones: "
+            + "; ".join(problems)
+            + " (dataset.check_counts=false accepts them)"
         )
-    # generated: from root/train/<class>/* (a balanced pool) and root/val/<class>/* (the test set)
+    files = {w: str(split_dir / n) for w, n in zip(("train", "val", "test"), names)}
+    return _files_data(cfg, root, train, val, test, np.arange(len(train)), np.arange(len(val)), [], files)
+
+
+def _generated(cfg: ImageListConfig, root: Path, workdir: Path) -> LTData:
+    """A seeded split from root/train/<class>/* (a balanced pool); root/val/<class>/* is the test set. The lists
+    are written in the published format (with split.json) and reused by later runs."""
     if cfg.imbalance_ratio is None:
         raise ConfigError("dataset.split=generated needs dataset.imbalance_ratio")
+    names = LIST_NAMES[cfg.name]
     params = {
         "dataset": cfg.name,
         "ratio": cfg.imbalance_ratio,
@@ -219,15 +282,9 @@ def _published_or_generated(cfg: DatasetConfig, workdir: Path) -> LTData:
         raise DataError(f"{root / 'train'} has {len(classes)} class folders, dataset.num_classes is {cfg.num_classes}")
     if loaded is None:
         train, val, _ = generate_split(
-            pool_paths,
-            pool_labels,
-            cfg.num_classes,
-            cfg.imbalance_ratio,
-            cfg.profile,
-            cfg.max_count,
-            cfg.split_seed,
-            cfg.val_per_class,
-        )
+            pool_paths, pool_labels, cfg.num_classes, cfg.imbalance_ratio, cfg.profile, cfg.max_count,
+            cfg.split_seed, cfg.val_per_class,
+        )  # fmt: skip
         test_classes, test_paths, test_labels = scan_folder(root / "val")
         if test_classes != classes:
             raise DataError(f"{root / 'val'} must have the same class folders as {root / 'train'}")
@@ -238,20 +295,11 @@ def _published_or_generated(cfg: DatasetConfig, workdir: Path) -> LTData:
     index = {p: i for i, p in enumerate(pool_paths)}
     train_idx = np.asarray([index[p] for p in train.paths], dtype=np.int64)
     val_idx = np.asarray([index[p] for p in val.paths], dtype=np.int64)
-    return _files_data(
-        cfg,
-        root,
-        train,
-        val,
-        test,
-        train_idx,
-        val_idx,
-        classes,
-        {w: str(out / n) for w, n in zip(("train", "val", "test"), names)},
-    )
+    files = {w: str(out / n) for w, n in zip(("train", "val", "test"), names)}
+    return _files_data(cfg, root, train, val, test, train_idx, val_idx, classes, files)
 
 
-def _folder(cfg: DatasetConfig, workdir: Path) -> LTData:
+def _folder(cfg: FolderConfig, workdir: Path) -> LTData:
     """Any ImageFolder tree: root/train/<class>/* for training, root/test/<class>/* for the test set.
 
     Natural imbalance (dataset.imbalance_ratio=null): all training images, minus a validation split of up to
@@ -286,5 +334,5 @@ def _folder(cfg: DatasetConfig, workdir: Path) -> LTData:
 
 
 for _name in ("imagenetlt", "placeslt"):
-    register_dataset(_name)(_published_or_generated)
-register_dataset("folder")(_folder)
+    DATASETS.register(_name, ImageListConfig)(_published_or_generated)
+DATASETS.register("folder", FolderConfig)(_folder)

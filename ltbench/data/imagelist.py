@@ -72,7 +72,7 @@ def read_split_list(path: str | Path) -> SplitList:
 
 
 def write_split_list(path: str | Path, split: SplitList) -> None:
-    from ltbench.results import atomic_write_text
+    from ltbench.rundir import atomic_write_text
 
     atomic_write_text(Path(path), "".join(f"{p} {int(y)}\n" for p, y in zip(split.paths, split.labels)))
 
@@ -183,7 +183,7 @@ def write_generated(
     out.mkdir(parents=True, exist_ok=True)
     for name, split in zip(names, (train, val, test)):
         write_split_list(out / name, split)
-    from ltbench.results import atomic_write_json
+    from ltbench.rundir import atomic_write_json
 
     atomic_write_json(out / "split.json", params)  # last: its presence marks a complete split
 

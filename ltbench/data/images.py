@@ -3,6 +3,9 @@
 Training: RandomResizedCrop + horizontal flip + colour jitter (0.4 brightness/contrast/saturation), as in the
 ImageNet-LT reference recipe; evaluation: resize the short side to ``resize`` and centre-crop ``image_size``.
 Batches come out normalised, float32, pinned (on CUDA), in the order of the sampler's index stream.
+
+Every image's random augmentation is seeded by its own number, drawn from the epoch's generator in stream order, so
+the draws are the same whatever the number of workers and whichever worker decodes the image.
 """
 
 from __future__ import annotations
@@ -53,10 +56,15 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        i, seed = item if isinstance(item, tuple) else (item, None)
         with Image.open(self.root / self.files[i]) as img:
-            x = self.transform(img.convert("RGB"))
-        return x, self.labels[i]
+            rgb = img.convert("RGB")
+        if seed is None:
+            return self.transform(rgb), self.labels[i]
+        with torch.random.fork_rng(devices=[]):  # the process's own RNG stays untouched
+            torch.manual_seed(seed)
+            return self.transform(rgb), self.labels[i]
 
 
 def _worker_init(worker_id: int) -> None:
@@ -73,9 +81,12 @@ def loader_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``dataset`` in the order of ``indices`` (a sampler's stream), decoded in parallel.
 
-    ``gen`` seeds the workers' augmentation RNG, so an epoch's augmentations are a function of (seed, epoch).
+    ``gen`` draws one seed per image of the stream, so an epoch's augmentations are a function of (seed, epoch) and
+    of nothing else (not of the number of workers).
     """
-    batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
+    seeds = torch.randint(0, 2**62, (len(indices),), generator=gen).tolist()
+    pairs = list(zip(indices.tolist(), seeds))
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     loader = DataLoader(
         dataset,
         batch_sampler=batches,

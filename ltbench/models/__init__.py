@@ -1,26 +1,35 @@
-"""Model registry: short names resolved to constructors, so saved configs stay stable when code moves."""
+"""Models: a backbone with ``features(x) -> N x D`` and a ``head`` (``feature_dim`` -> outputs), registered by name.
+
+The head is separate so that stages can change it (decoupled classifier retraining, a rotation head for
+self-supervised pre-training) without touching the backbone. Short names keep saved configs stable when code moves.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from ltbench.config import ModelConfig
 from ltbench.errors import ConfigError
-from ltbench.models.resnet_cifar import CifarResNet
-from ltbench.models.torchvision_nets import TorchvisionNet
+from ltbench.registry import Registry
 
-MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "resnet32": lambda cfg, c: CifarResNet(cfg.depth, cfg.width, c, cfg.head),
-    "cifar_resnet": lambda cfg, c: CifarResNet(cfg.depth, cfg.width, c, cfg.head),
-    "resnet10": lambda cfg, c: TorchvisionNet("resnet10", c, cfg.head),
-    "resnet50": lambda cfg, c: TorchvisionNet("resnet50", c, cfg.head),
-    "resnext50": lambda cfg, c: TorchvisionNet("resnext50", c, cfg.head),
-}
+MODELS: Registry[Any] = Registry("model", ModelConfig)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    if cfg.name not in MODELS:
-        raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[cfg.name](cfg, num_classes)
+@dataclass
+class NetConfig(ModelConfig):
+    """A model with one of ltbench's heads (``linear``, ``cosine``)."""
+
+    def check(self, root: Any) -> None:
+        from ltbench.models.heads import HEADS
+
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown model.head {self.head!r}; choose one of {', '.join(HEADS)}")
+
+
+def build_model(cfg: ModelConfig, out_dim: int, data: Any = None) -> nn.Module:
+    """The model registered under ``cfg.name`` with ``out_dim`` outputs; ``data`` (the dataset) lets a model size
+    its input (a vocabulary, a feature count)."""
+    return MODELS.get(cfg.name).builder(cfg, out_dim, data)

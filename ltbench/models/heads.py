@@ -30,9 +30,9 @@ class CosineHead(nn.Module):
 HEADS = {"linear": LinearHead, "cosine": CosineHead}
 
 
-def build_head(name: str, in_features: int, num_classes: int) -> nn.Module:
+def build_head(name: str, in_features: int, out_dim: int) -> nn.Module:
     from ltbench.errors import ConfigError
 
     if name not in HEADS:
         raise ConfigError(f"unknown model.head {name!r}; choose one of {', '.join(HEADS)}")
-    return HEADS[name](in_features, num_classes)
+    return HEADS[name](in_features, out_dim)

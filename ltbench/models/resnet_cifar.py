@@ -5,11 +5,28 @@ ResNet-32 is n=5: 16/32/64 channels and about 0.46M parameters with a 10-way lin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltbench.errors import ConfigError
+from ltbench.models import MODELS, NetConfig
 from ltbench.models.heads import build_head
+
+
+@dataclass
+class CifarResNetConfig(NetConfig):
+    name: str = "resnet32"
+    depth: int = 32  # 6n+2
+    width: int = 16  # channels of the first stage (16/32/64); tests use tiny models
+
+    def __post_init__(self) -> None:
+        if (self.depth - 2) % 6 != 0 or self.depth < 8:
+            raise ConfigError(f"model.depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {self.depth}")
+        if self.width < 1:
+            raise ConfigError(f"model.width must be >= 1, got {self.width}")
 
 
 class BasicBlock(nn.Module):
@@ -39,8 +56,6 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 32, width: int = 16, num_classes: int = 10, head: str = "linear") -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
-            from ltbench.errors import ConfigError
-
             raise ConfigError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
@@ -65,3 +80,12 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _cifar_resnet(cfg: CifarResNetConfig, out_dim: int, data=None) -> CifarResNet:
+    """CIFAR ResNet (He et al. 2016): 6n+2 layers, option-A shortcuts; resnet32 = 0.46M parameters."""
+    return CifarResNet(cfg.depth, cfg.width, out_dim, cfg.head)
+
+
+MODELS.register("resnet32", CifarResNetConfig)(_cifar_resnet)
+MODELS.register("cifar_resnet", CifarResNetConfig)(_cifar_resnet)

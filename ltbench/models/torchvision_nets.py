@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ltbench.models import MODELS, NetConfig
 from ltbench.models.heads import build_head
 
 
@@ -36,3 +37,12 @@ class TorchvisionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _torchvision(cfg: NetConfig, out_dim: int, data=None) -> TorchvisionNet:
+    """A torchvision ImageNet backbone, randomly initialised, with an ltbench head."""
+    return TorchvisionNet(cfg.name, out_dim, cfg.head)
+
+
+for _arch in ("resnet10", "resnet50", "resnext50"):
+    MODELS.register(_arch, NetConfig)(_torchvision)

@@ -1,0 +1,74 @@
+"""Optimisers and learning-rate schedules from a stage's :class:`~ltbench.config.ScheduleConfig`.
+
+The optimiser is built over parameter groups: the trainable parameters of the model, split by
+``schedule.no_decay`` (parameter-name patterns trained without weight decay), and the groups a method adds for its
+own parameters (a projector, a weight network, a loss with a learnable scale), each with an optional lr scale and
+weight decay. Every epoch the schedule sets ``group["lr"] = lr_at(epoch) * group["lr_scale"]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+from ltbench.config import ScheduleConfig
+
+
+@dataclass
+class ParamGroup:
+    """Parameters trained together; ``weight_decay`` None uses the schedule's."""
+
+    name: str
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+
+
+def model_groups(model: nn.Module, no_decay: list[str], prefix: str = "") -> list[ParamGroup]:
+    """The model's trainable parameters in registration order; names matching ``no_decay`` get no weight decay."""
+    decay, plain = ParamGroup(f"{prefix}params"), ParamGroup(f"{prefix}no_decay", weight_decay=0.0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if any(fnmatch(name, pat) for pat in no_decay) else decay).params.append(p)
+    return [g for g in (decay, plain) if g.params]
+
+
+def build_optimizer(sched: ScheduleConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:
+    """The schedule's optimiser over ``groups`` (empty groups are dropped)."""
+    param_groups = [
+        {
+            "params": g.params,
+            "name": g.name,
+            "lr": sched.lr * g.lr_scale,
+            "lr_scale": g.lr_scale,
+            "weight_decay": sched.weight_decay if g.weight_decay is None else g.weight_decay,
+        }
+        for g in groups
+        if g.params
+    ]
+    if sched.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=sched.lr, momentum=sched.momentum, nesterov=sched.nesterov)
+    cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.AdamW
+    return cls(param_groups, lr=sched.lr, betas=tuple(sched.betas), eps=sched.eps)  # type: ignore[arg-type]
+
+
+def lr_at(epoch: int, sched: ScheduleConfig) -> float:
+    """Learning rate of a (0-indexed) epoch: linear warm-up to lr over ``warmup_epochs`` (epoch e gets
+    lr * (e+1)/warmup, as in the CIFAR-LT reference), then step decay (x gamma from each milestone on) or cosine
+    decay to 0."""
+    base, warmup = sched.lr, sched.warmup_epochs
+    if epoch < warmup:
+        return base * (epoch + 1) / warmup
+    if sched.decay == "cosine":
+        span = max(sched.epochs - warmup, 1)
+        return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+    return base * sched.gamma ** sum(epoch >= m for m in sched.milestones)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)

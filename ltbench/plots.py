@@ -1,0 +1,90 @@
+"""The report's figures: per-class (or per-bin) results against training counts, and head/medium/tail bars."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ltbench.config import GROUPS
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _tag(ds: str, ratio: float) -> str:
+    return f"{ds}_ir{'natural' if math.isnan(ratio) else f'{ratio:g}'}"
+
+
+def per_class_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
+    """Per-class accuracy against the class's training count, mean over seeds, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for label, gl in g.groupby("label", sort=False):
+        lists = [v for v in gl["per_class_acc"] if len(v)]
+        counts = np.asarray(gl["train_class_counts"].iloc[0])
+        if not lists or len(counts) != len(lists[0]):
+            continue
+        acc = np.nanmean(np.array(lists, dtype=float), axis=0)
+        order = np.argsort(-counts, kind="stable")
+        ax.plot(np.maximum(counts[order], 1), acc[order], marker="o", ms=3, lw=1.2, label=f"{label} (n={len(lists)})")
+        drawn = True
+    if drawn:
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("training samples of the class (log scale)")
+        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def group_bars(a: pd.DataFrame, path: Path, title: str) -> None:
+    """The headline metric and the many / medium / few groups side by side, std over seeds as error bars."""
+    plt = _plt()
+    cols = [c for c in a["columns"].iloc[0] if c["key"] in (a["columns"].iloc[0][0]["key"], *GROUPS)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(a) + 2), 4.5))
+    width = 0.8 / len(cols)
+    x = np.arange(len(a))
+    for j, c in enumerate(cols):
+        means = a[f"{c['key']}_mean"].to_numpy(dtype=float)
+        stds = np.nan_to_num(a[f"{c['key']}_std"].to_numpy(dtype=float))
+        offset = (j - (len(cols) - 1) / 2) * width
+        ax.bar(x + offset, np.nan_to_num(means), width, yerr=stds, capsize=2, label=c["header"])
+    ax.set_xticks(x, a["label"], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(cols[0]["header"])
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
+    written = []
+    for (task, ds, ratio), g in df.groupby(["task", "dataset", "imbalance_ratio"], sort=False, dropna=False):
+        tag = _tag(ds, ratio)
+        ratio_text = "natural" if math.isnan(ratio) else f"ratio {ratio:g}"
+        p = out / f"per_class_{tag}.png"
+        if task == "classification" and per_class_plot(g, p, f"Per-class accuracy, {ds} {ratio_text}"):
+            written.append(p)
+        a = agg[(agg["task"] == task) & (agg["dataset"] == ds)]
+        a = a[a["imbalance_ratio"].isna()] if math.isnan(ratio) else a[a["imbalance_ratio"] == ratio]
+        p = out / f"groups_{tag}.png"
+        group_bars(a, p, f"Head / medium / tail, {ds} {ratio_text} (groups {a['group_sizes'].iloc[0]})")
+        written.append(p)
+    return written

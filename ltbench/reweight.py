@@ -1,0 +1,88 @@
+"""Re-weighting: per-bin loss weights (classes, or regression label bins), registered by name.
+
+A weighting is a function of the training counts per bin; :class:`Reweighting` switches it on at
+``start_epoch`` (deferred re-weighting, DRW: Cao et al. 2019). Weights are normalised to sum to the number of bins,
+so the loss scale of a balanced set is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ltbench.config import ReweightConfig
+from ltbench.errors import ConfigError
+from ltbench.registry import Registry
+
+WeightFn = Callable[[ReweightConfig, torch.Tensor], torch.Tensor | None]
+REWEIGHTS: Registry[WeightFn] = Registry("reweight", ReweightConfig)
+
+
+@dataclass
+class EffectiveNumberConfig(ReweightConfig):
+    name: str = "effective_number"
+    beta: float = 0.9999  # Cui et al. 2019, the CIFAR-LT setting
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError("reweight.beta must be in [0, 1)")
+
+
+@REWEIGHTS.register("none", ReweightConfig)
+def _none(cfg: ReweightConfig, n: torch.Tensor) -> None:
+    """No re-weighting."""
+    return None
+
+
+@REWEIGHTS.register("inverse", ReweightConfig)
+def _inverse(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
+    """w proportional to 1 / n."""
+    return 1.0 / n
+
+
+@REWEIGHTS.register("sqrt_inverse", ReweightConfig)
+def _sqrt_inverse(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
+    """w proportional to 1 / sqrt(n)."""
+    return n.rsqrt()
+
+
+@REWEIGHTS.register("effective_number", EffectiveNumberConfig)
+def _effective_number(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
+    """Class-balanced weights (Cui et al. 2019): 1 / E_n with E_n = (1 - beta^n) / (1 - beta)."""
+    beta = cfg.beta  # type: ignore[attr-defined]
+    return (1.0 - beta) / (1.0 - torch.pow(beta, n))
+
+
+def normalized(raw: torch.Tensor | None) -> torch.Tensor | None:
+    """Weights scaled to sum to the number of bins (float32); None stays None."""
+    if raw is None:
+        return None
+    return (raw / raw.sum() * len(raw)).float()
+
+
+def weights_for(cfg: ReweightConfig, counts: Sequence[int]) -> torch.Tensor | None:
+    n = torch.as_tensor(list(counts), dtype=torch.float64)
+    return normalized(REWEIGHTS.build(cfg, n))
+
+
+def class_weights(name: str, class_counts: Sequence[int], beta: float = 0.9999) -> torch.Tensor | None:
+    """Per-class weights of a named weighting, normalised to sum to the number of classes (None for ``none``)."""
+    schema = REWEIGHTS.schema(name)
+    assert schema is not None
+    cfg = schema(name=name, beta=beta) if name == "effective_number" else schema(name=name)
+    return weights_for(cfg, class_counts)
+
+
+class Reweighting:
+    """Per-bin weights as a function of the epoch: deferred re-weighting switches on at ``start_epoch``."""
+
+    def __init__(self, cfg: ReweightConfig, counts: Sequence[int]) -> None:
+        self.start_epoch = cfg.start_epoch
+        self.weights = weights_for(cfg, counts)
+
+    def at(self, epoch: int) -> torch.Tensor | None:
+        if self.weights is None or epoch < self.start_epoch:
+            return None
+        return self.weights

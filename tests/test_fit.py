@@ -1,0 +1,159 @@
+"""The one training loop: hooks, running totals, optimiser parameter groups, loggers, resume inside a later stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMOKE
+from hydra import compose, initialize_config_module
+from torch import nn
+
+import ltbench.fit as fit_mod
+from ltbench.config import ScheduleConfig
+from ltbench.core import Batch, Epoch, Hook, Totals
+from ltbench.fit import Trainer, fit
+from ltbench.methods import Method
+from ltbench.optim import ParamGroup, build_optimizer, lr_at, model_groups
+from ltbench.runner import run
+from ltbench.tasks.classification import Classification, ClassificationConfig
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.events = []
+
+    def on_epoch_start(self, ep):
+        self.events.append(("start", ep.index, ep.size))
+
+    def after_step(self, ep, totals):
+        self.events.append(("step", ep.index, totals.steps))
+
+    def on_epoch_end(self, ep):
+        self.events.append(("end", ep.index, ep.row["train_loss"]))
+
+
+class MSEMethod(Method):
+    def step(self, model, batch, ep):
+        out = model(batch.x)
+        loss = ((out - batch.y.float()[:, None]) ** 2).mean()
+        return loss, {"correct": torch.zeros((), dtype=torch.long)}
+
+
+def tiny_trainer(epochs=2, steps=3):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
+    sched = ScheduleConfig(epochs=epochs, lr=0.1, warmup_epochs=0, milestones=[])
+    method = MSEMethod()
+
+    def batches(ep: Epoch):
+        ep.size = 4 * steps
+        return (Batch(x[i : i + 4], y[i : i + 4]) for i in range(0, 4 * steps, 4))
+
+    opt = build_optimizer(sched, model_groups(model, []))
+    task = Classification(ClassificationConfig())
+    return Trainer("t", model, method, opt, sched, batches, lambda e: torch.Generator(), task, amp=False), x, y
+
+
+def test_hooks_see_every_epoch_and_step_in_order():
+    tr, _, _ = tiny_trainer()
+    rec = Recorder()
+    fit(tr, [rec])
+    assert [e[0] for e in rec.events] == ["start", "step", "step", "step", "end"] * 2
+    assert rec.events[0] == ("start", 0, 12) and rec.events[3] == ("step", 0, 3)
+    assert len(tr.rows) == 2 and tr.rows[1]["epoch"] == 2 and tr.rows[0]["images"] == 12
+
+
+def test_totals_stay_on_the_device_until_read():
+    t = Totals()
+    for v in (1.0, 2.0, 3.5):
+        t.add(2, {"loss": torch.tensor(v, dtype=torch.float64)})
+    assert isinstance(t.sums["loss"], torch.Tensor) and t.seen == 6 and t.steps == 3
+    assert t.values() == {"loss": 6.5} and t.mean("loss") == pytest.approx(6.5 / 6)
+
+
+def test_divergence_is_one_clear_error():
+    tr, _, _ = tiny_trainer()
+    tr.schedule.lr = 1e30
+    with pytest.raises(Exception, match="diverged"):
+        fit(tr, [])
+
+
+def test_parameter_groups_no_decay_and_method_parameters():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    sched = ScheduleConfig(lr=0.1, weight_decay=1e-3, no_decay=["*.bias", "1.*"])
+    extra = nn.Parameter(torch.ones(2))
+    groups = [*model_groups(model, sched.no_decay), ParamGroup("method", [extra], lr_scale=0.1, weight_decay=0.0)]
+    opt = build_optimizer(sched, groups)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["params"]["weight_decay"] == 1e-3 and len(by_name["params"]["params"]) == 2  # two weights
+    assert by_name["no_decay"]["weight_decay"] == 0.0 and len(by_name["no_decay"]["params"]) == 4
+    assert by_name["method"]["lr"] == pytest.approx(0.01)
+    fit_mod.set_lr(opt, 0.5)
+    assert by_name["params"]["lr"] == 0.5 and by_name["method"]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_other_optimisers(name):
+    opt = build_optimizer(ScheduleConfig(optimizer=name, lr=1e-3), model_groups(nn.Linear(2, 2), []))
+    assert type(opt).__name__.lower() == name
+
+
+def test_lr_schedule_reference_shape():
+    s = ScheduleConfig()  # the CIFAR-LT reference: warm-up 5, x0.01 at 160, x0.0001 at 180
+    assert [lr_at(e, s) for e in (0, 4)] == pytest.approx([0.02, 0.1])
+    assert lr_at(159, s) == pytest.approx(0.1) and lr_at(160, s) == pytest.approx(1e-3)
+    assert lr_at(199, s) == pytest.approx(1e-5)
+    c = ScheduleConfig(epochs=10, warmup_epochs=0, decay="cosine", milestones=[])
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(5, c) == pytest.approx(0.05)
+
+
+@pytest.fixture(scope="module")
+def compose_cfg():
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
+
+
+def _fixture(root, tmp):
+    return [f"dataset.root={root}", "dataset.download=false", "dataset.imbalance_ratio=10", f"results_dir={tmp}"]
+
+
+def test_tensorboard_logger_writes_scalars_per_stage(compose_cfg, cifar10_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = run(compose_cfg("logger=tensorboard", "strategy=crt", *_fixture(cifar10_root, tmp_path)), tmp_path / "r")
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/train_loss", "train/train_acc", "train/lr", "classifier/train_loss", "test/top1"} <= tags
+    assert len(acc.Scalars("train/train_loss")) == 2 and len(acc.Scalars("classifier/lr")) == 10
+    assert acc.Scalars("test/top1")[0].value == pytest.approx(m["top1"])
+
+
+def test_resume_inside_the_classifier_stage_equals_an_uninterrupted_run(
+    compose_cfg, cifar10_root, tmp_path, monkeypatch
+):
+    args = ["strategy=crt", "classifier.schedule.epochs=4", *_fixture(cifar10_root, tmp_path)]
+    full = run(compose_cfg(*args, f"stage_cache={tmp_path / 'c1'}"), tmp_path / "full")
+    real, calls = fit_mod.train_epoch, {"n": 0}
+
+    def interrupt(tr, *a, **k):
+        if tr.stage == "classifier":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real(tr, *a, **k)
+
+    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(*args, f"stage_cache={tmp_path / 'c2'}"), tmp_path / "cut")
+    monkeypatch.setattr(fit_mod, "train_epoch", real)
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
+    assert resumed["resumed_at_stage"] == ["classifier"] and resumed["resumed_at_epoch"] == [2]
+    assert resumed["top1"] == full["top1"] and resumed["per_class_acc"] == full["per_class_acc"]
+    assert resumed["stage1"]["test"] == full["stage1"]["test"]
+    rows = (tmp_path / "cut" / "classifier_epochs.csv").read_text().strip().splitlines()
+    assert len(rows) == 5  # header + 4 epochs, none duplicated

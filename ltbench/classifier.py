@@ -34,7 +34,7 @@ CLASSIFIERS: Registry[Any] = Registry("classifier", ClassifierConfig)
 
 def _stage2_schedule() -> ScheduleConfig:
     # Kang et al. 2020: 10 epochs, cosine decay from lr 0.1, no warm-up
-    return ScheduleConfig(epochs=10, lr=0.1, weight_decay=5e-4, warmup_epochs=0, decay="cosine", milestones=[])
+    return ScheduleConfig(epochs=10, lr=0.1, weight_decay=5e-4, warmup=0.0, decay="cosine", milestones=[])
 
 
 @dataclass
@@ -61,6 +61,7 @@ class TauConfig(ClassifierConfig):
     """tau_norm / posthoc_la: tau chosen on the validation split from ``tau_grid``."""
 
     tau_grid: list[float] = field(default_factory=_default_grid)
+    selects_on_validation = True  # (a class attribute, not a setting): every class must be in the validation split
 
     def check(self, root: Any) -> None:
         if not self.tau_grid:

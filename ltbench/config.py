@@ -19,6 +19,7 @@ content-addressed stage caches, the method label, the run directory names and wh
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,15 @@ GROUP_RULES = ("counts", "classes", "thirds")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MARK = "ltbench_identity"
 MARKS = ("stage", "run", "replicate", "none")
+
+
+def epoch_at(fraction: float, epochs: int) -> int:
+    """The epoch (0-indexed) a fraction of training points to, rounded half up: 0.8 of 200 is 160, 0.025 of 60 is 2.
+
+    Schedules and deferred switches are fractions of ``schedule.epochs``, so shortening a recipe shortens them with
+    it, and the reference recipe's 5 / 160 / 180 of 200 epochs are exactly 0.025 / 0.8 / 0.9.
+    """
+    return math.floor(fraction * epochs + 0.5)
 
 
 def _marked(mark: str, default: Any, factory: Any) -> Any:
@@ -90,8 +100,9 @@ class GroupsConfig:
 class ScheduleConfig:
     """How one stage trains: optimiser, batch size, epochs and the learning-rate schedule.
 
-    The lr warms up linearly over ``warmup_epochs`` (epoch e gets lr * (e+1)/warmup, as in the CIFAR-LT reference),
-    then decays: ``step`` multiplies it by ``gamma`` at each milestone, ``cosine`` anneals it to 0.
+    ``warmup`` and ``milestones`` are fractions of ``epochs`` (see :func:`epoch_at`): the lr warms up linearly over
+    the first ``warmup`` of training (epoch e gets lr * (e+1)/W, as in the CIFAR-LT reference), then decays:
+    ``step`` multiplies it by ``gamma`` at each milestone, ``cosine`` anneals it to 0.
     ``optimizer``: sgd (momentum, nesterov), adam or adamw (betas, eps); ``no_decay``: parameter-name patterns
     (fnmatch, e.g. ``*.bias``) trained without weight decay.
     """
@@ -106,23 +117,38 @@ class ScheduleConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     no_decay: list[str] = field(default_factory=list)
-    warmup_epochs: int = 5
+    warmup: float = 0.025  # fraction of the epochs: 5 of 200
     decay: str = "step"  # step | cosine
-    milestones: list[int] = field(default_factory=lambda: [160, 180])
+    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions: epochs 160 and 180 of 200
     gamma: float = 0.01  # step decay factor applied at each milestone (x0.01 at 160, x0.0001 at 180)
     eval_batch_size: int = runtime(1000)
 
+    @property
+    def warmup_epochs(self) -> int:
+        return epoch_at(self.warmup, self.epochs)
+
+    @property
+    def milestone_epochs(self) -> list[int]:
+        return [epoch_at(m, self.epochs) for m in self.milestones]
+
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("schedule.epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("schedule.batch_size must be >= 1")
+        for key, ok in (
+            ("epochs", self.epochs >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("eval_batch_size", self.eval_batch_size >= 1),
+            ("lr", self.lr > 0 and math.isfinite(self.lr)),
+            ("weight_decay", self.weight_decay >= 0),
+            ("momentum", 0 <= self.momentum < 1),
+            ("gamma", self.gamma > 0),
+        ):
+            if not ok:
+                raise ConfigError(f"schedule.{key}={getattr(self, key)} is out of range")
         if self.decay not in ("step", "cosine"):
             raise ConfigError(f"schedule.decay must be 'step' or 'cosine', got {self.decay!r}")
-        if sorted(self.milestones) != list(self.milestones):
-            raise ConfigError("schedule.milestones must be increasing")
-        if self.warmup_epochs < 0 or (self.warmup_epochs >= self.epochs and self.epochs > 1):
-            raise ConfigError("schedule.warmup_epochs must be in [0, epochs)")
+        if sorted(self.milestones) != list(self.milestones) or not all(0 < m <= 1 for m in self.milestones):
+            raise ConfigError("schedule.milestones must be increasing fractions of the epochs in (0, 1]")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError("schedule.warmup is a fraction of the epochs in [0, 1)")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"schedule.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
 
@@ -158,6 +184,9 @@ class DatasetConfig:
     split_seed: int = 0
     # Balanced validation split (per class): what methods select on (tau for tau-norm / post-hoc LA), never the test.
     val_per_class: int = run_level(20)
+    # Where a class has too few images outside the training subset (CIFAR-10-LT's largest keeps all 5000), take the
+    # rest of its validation images out of the subset: null = only when a method of the run selects on validation.
+    val_holdout: bool | None = None
     groups: GroupsConfig = run_level(factory=GroupsConfig)
 
     def __post_init__(self) -> None:
@@ -189,18 +218,28 @@ class SamplerConfig:
 
 @dataclass
 class ReweightConfig:
-    """Base of every re-weighting schema (ltbench.reweight). Weights apply from ``start_epoch`` (0-indexed) on."""
+    """Base of every re-weighting schema (ltbench.reweight). Weights apply from ``start`` on, a fraction of the
+    stage's epochs (deferred re-weighting: 0.8, the first lr decay of the reference recipe)."""
 
     name: str = MISSING
-    start_epoch: int = 0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= 1:
+            raise ConfigError("reweight.start is a fraction of the epochs in [0, 1]")
 
 
 @dataclass
 class SynthConfig:
-    """Base of every synthetic-sample schema (ltbench.synth). ``stop_epoch``: stop synthesising from that epoch."""
+    """Base of every synthetic-sample schema (ltbench.synth). ``stop``: stop synthesising from that fraction of the
+    epochs on (None: never)."""
 
     name: str = MISSING
-    stop_epoch: int | None = None
+    stop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop is not None and not 0 <= self.stop <= 1:
+            raise ConfigError("synth.stop is a fraction of the epochs in [0, 1]")
 
 
 @dataclass

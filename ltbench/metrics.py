@@ -13,7 +13,15 @@ import torch
 
 from ltbench.config import GROUPS, GroupsConfig
 
-__all__ = ["GROUPS", "class_groups", "group_accuracy", "per_class_accuracy", "summarize"]
+__all__ = [
+    "GROUPS",
+    "class_groups",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "group_accuracy",
+    "per_class_accuracy",
+    "summarize",
+]
 
 
 def per_class_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float | None]:
@@ -65,3 +73,24 @@ def summarize(pred: torch.Tensor, target: torch.Tensor, class_counts: Sequence[i
         "groups": groups,
         "per_class_acc": per_class,
     }
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C x C counts: row = true class, column = predicted class."""
+    idx = target.cpu().long() * num_classes + pred.cpu().long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, bins: int = 15) -> float | None:
+    """ECE (%) of the top-1 confidence (Guo et al. 2017): sum over equal-width confidence bins of
+    |accuracy - mean confidence| weighted by the bin's share of the samples; None for no samples."""
+    if len(target) == 0:
+        return None
+    conf, pred = probs.max(1)
+    correct = (pred == target).double()
+    # bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 goes to the first bin
+    which = (conf.double() * bins).ceil().long().clamp(1, bins) - 1
+    acc = torch.bincount(which, weights=correct, minlength=bins)
+    cf = torch.bincount(which, weights=conf.double(), minlength=bins)
+    gap = (acc - cf).abs()  # |sum correct - sum confidence| of a bin = n_b |acc_b - conf_b|
+    return float(gap.sum() / len(target) * 100.0)

@@ -57,16 +57,15 @@ def build_optimizer(sched: ScheduleConfig, groups: list[ParamGroup]) -> torch.op
 
 
 def lr_at(epoch: int, sched: ScheduleConfig) -> float:
-    """Learning rate of a (0-indexed) epoch: linear warm-up to lr over ``warmup_epochs`` (epoch e gets
-    lr * (e+1)/warmup, as in the CIFAR-LT reference), then step decay (x gamma from each milestone on) or cosine
-    decay to 0."""
+    """Learning rate of a (0-indexed) epoch: linear warm-up to lr, as in the CIFAR-LT reference, then step decay
+    (x gamma from each milestone on) or cosine decay to 0; warm-up and milestones are fractions of the epochs."""
     base, warmup = sched.lr, sched.warmup_epochs
-    if epoch < warmup:
+    if epoch < warmup:  # epoch e of a W-epoch warm-up gets lr * (e+1)/W
         return base * (epoch + 1) / warmup
     if sched.decay == "cosine":
         span = max(sched.epochs - warmup, 1)
         return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
-    return base * sched.gamma ** sum(epoch >= m for m in sched.milestones)
+    return base * sched.gamma ** sum(epoch >= m for m in sched.milestone_epochs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -74,6 +74,44 @@ def group_bars(a: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def read_confusion(run_dir: str) -> np.ndarray | None:
+    path = Path(run_dir) / "confusion.csv"
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path).drop(columns="true").to_numpy(dtype=float)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def confusion_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
+    """The row-normalised test confusion matrix of one run per method (its lowest seed)."""
+    runs = []
+    for label, gl in g.groupby("label", sort=False):
+        first = gl.sort_values("seed").iloc[0]
+        cm = read_confusion(first["run_dir"])
+        if cm is not None and cm.size:
+            runs.append((f"{label} (seed {first['seed']})", cm / np.maximum(cm.sum(1, keepdims=True), 1)))
+    if not runs:
+        return False
+    plt = _plt()
+    cols = min(len(runs), 4)
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.4 * rows + 0.5), squeeze=False)
+    for ax, (label, cm) in zip(axes.flat, runs):
+        im = ax.imshow(cm, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("predicted class (frequent -> rare)", fontsize=7)
+        ax.set_ylabel("true class", fontsize=7)
+    for ax in list(axes.flat)[len(runs) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of the true class")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     for (task, ds, ratio), g in df.groupby(["task", "dataset", "imbalance_ratio"], sort=False, dropna=False):
@@ -81,6 +119,9 @@ def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
         ratio_text = "natural" if math.isnan(ratio) else f"ratio {ratio:g}"
         p = out / f"per_class_{tag}.png"
         if task == "classification" and per_class_plot(g, p, f"Per-class accuracy, {ds} {ratio_text}"):
+            written.append(p)
+        p = out / f"confusion_{tag}.png"
+        if task == "classification" and confusion_plot(g, p, f"Test confusion matrices, {ds} {ratio_text}"):
             written.append(p)
         a = agg[(agg["task"] == task) & (agg["dataset"] == ds)]
         a = a[a["imbalance_ratio"].isna()] if math.isnan(ratio) else a[a["imbalance_ratio"] == ratio]

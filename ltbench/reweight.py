@@ -1,8 +1,8 @@
 """Re-weighting: per-bin loss weights (classes, or regression label bins), registered by name.
 
-A weighting is a function of the training counts per bin; :class:`Reweighting` switches it on at
-``start_epoch`` (deferred re-weighting, DRW: Cao et al. 2019). Weights are normalised to sum to the number of bins,
-so the loss scale of a balanced set is unchanged.
+A weighting is a function of the training counts per bin; :class:`Reweighting` switches it on at ``start`` of the
+epochs (deferred re-weighting, DRW: Cao et al. 2019). Weights are normalised to sum to the number of bins, so the
+loss scale of a balanced set is unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ltbench.config import ReweightConfig
+from ltbench.config import ReweightConfig, epoch_at
 from ltbench.errors import ConfigError
 from ltbench.registry import Registry
 
@@ -26,6 +26,7 @@ class EffectiveNumberConfig(ReweightConfig):
     beta: float = 0.9999  # Cui et al. 2019, the CIFAR-LT setting
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError("reweight.beta must be in [0, 1)")
 
@@ -76,10 +77,11 @@ def class_weights(name: str, class_counts: Sequence[int], beta: float = 0.9999) 
 
 
 class Reweighting:
-    """Per-bin weights as a function of the epoch: deferred re-weighting switches on at ``start_epoch``."""
+    """Per-bin weights as a function of the epoch: deferred re-weighting switches on at ``start`` of the stage's
+    ``epochs`` (DRW: 0.8, epoch 160 of 200, the first lr decay of the reference recipe)."""
 
-    def __init__(self, cfg: ReweightConfig, counts: Sequence[int]) -> None:
-        self.start_epoch = cfg.start_epoch
+    def __init__(self, cfg: ReweightConfig, counts: Sequence[int], epochs: int) -> None:
+        self.start_epoch = epoch_at(cfg.start, epochs)
         self.weights = weights_for(cfg, counts)
 
     def at(self, epoch: int) -> torch.Tensor | None:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ltbench.config import TrainConfig, to_schema
+from ltbench.config import REGISTERED_SECTIONS, TrainConfig, to_schema
 from ltbench.data import LTData, build_dataset
 from ltbench.dist import DistInfo, barrier, sync_batchnorm
 from ltbench.dist import from_env as dist_from_env
@@ -196,10 +196,12 @@ def _setup(tcfg: TrainConfig) -> tuple[DistInfo, torch.device]:
 def _train_and_evaluate(tcfg: TrainConfig, rd: RunDir, record: dict, console: Console) -> dict:
     t_start = time.perf_counter()
     info, device = _setup(tcfg)
-    data = build_dataset(tcfg.dataset, workdir=tcfg.results_dir)
+    data = build_dataset(tcfg.dataset, workdir=tcfg.results_dir, holdout=validation_holdout(tcfg))
     task = build_task(tcfg.task)
     stats = task.label_stats(data)
     _describe(record, tcfg, data, stats, device, info)
+    if "val_note" in record and info.main:
+        console.print(f"[yellow]note:[/] {record['val_note']}", soft_wrap=True)
     if not (rd / CONFIG_FILE).exists():
         rd.write_text(CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(tcfg)))
         rd.write_text(INDICES, "\n".join(map(str, data.train_indices.tolist())) + "\n")
@@ -225,6 +227,14 @@ def _train_and_evaluate(tcfg: TrainConfig, rd: RunDir, record: dict, console: Co
         console.print(f"run directory: {rd.path}", soft_wrap=True)
     barrier(info)
     return record
+
+
+def validation_holdout(tcfg: TrainConfig) -> bool:
+    """Whether the validation split takes images out of the training subset where a class has too few left:
+    ``dataset.val_holdout``, or (null) when a method of the run selects on the validation split."""
+    if tcfg.dataset.val_holdout is not None:
+        return tcfg.dataset.val_holdout
+    return any(getattr(getattr(tcfg, s, None), "selects_on_validation", False) for s in REGISTERED_SECTIONS)
 
 
 def _progress(tcfg: TrainConfig, info: DistInfo, console: Console) -> Progress:
@@ -269,6 +279,14 @@ def _describe(record: dict, tcfg: TrainConfig, data: LTData, stats, device: torc
         record["val_note"] = (
             f"classes {short} have fewer than {tcfg.dataset.val_per_class} training images left "
             "outside the long-tailed subset; the validation split holds what is left of them"
+        )
+    if data.val_moved and any(data.val_moved):
+        record["val_moved"] = data.val_moved
+        moved = {c: n for c, n in enumerate(data.val_moved) if n}
+        record["val_note"] = (
+            "a method of this run selects on the validation split, so every class is in it: "
+            + ", ".join(f"{n} images of class {c}" for c, n in moved.items())
+            + " were taken out of the training subset (the rest of the subset is the published one)"
         )
 
 
@@ -371,6 +389,8 @@ def _finish(ctx: RunContext, outputs: dict[str, torch.Tensor], wall: float) -> N
     record = ctx.record
     rows = record.pop("train_rows", [])
     summary = ctx.evaluate(outputs["test"], "test")
+    for name, file_rows in ctx.task.artifacts(outputs["test"], ctx.data.test_y, ctx.stats).items():
+        ctx.rundir.write_csv(name, file_rows)
     record["val"] = ctx.task.brief(ctx.evaluate(outputs["val"], "val")) if "val" in outputs else None
     train_time = sum(r["seconds"] for r in rows)
     record.update(

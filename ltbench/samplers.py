@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ltbench.config import SamplerConfig
+from ltbench.config import SamplerConfig, epoch_at
+from ltbench.errors import ConfigError
 from ltbench.registry import Registry
 
 SampleFn = Callable[..., torch.Tensor]
@@ -24,8 +25,12 @@ SAMPLERS: Registry[SampleFn] = Registry("sampler", SamplerConfig)
 @dataclass
 class DRSConfig(SamplerConfig):
     name: str = "drs"
-    # epoch (0-indexed) from which class-balanced sampling replaces instance sampling
-    start_epoch: int = 160
+    # fraction of the epochs from which class-balanced sampling replaces instance sampling (epoch 160 of 200)
+    start: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= 1:
+            raise ConfigError("sampler.start is a fraction of the epochs in [0, 1]")
 
 
 class ClassIndex:
@@ -125,8 +130,9 @@ def class_reorg(ci, epoch, epochs, cfg, gen):
 
 @SAMPLERS.register("drs", DRSConfig)
 def drs(ci, epoch, epochs, cfg, gen):
-    """Deferred re-sampling (Cao et al. 2019): instance sampling before ``start_epoch``, class-balanced after."""
-    if epoch < cfg.start_epoch:
+    """Deferred re-sampling (Cao et al. 2019): instance sampling before ``start`` of the epochs, class-balanced
+    after."""
+    if epoch < epoch_at(cfg.start, epochs):
         return instance(ci, epoch, epochs, cfg, gen)
     return class_balanced(ci, epoch, epochs, cfg, gen)
 

@@ -123,6 +123,7 @@ class StageSpec:
     sampler: SamplerConfig
     augment: AugmentConfig | None
     synth: Synthesizer | None = None
+    no_decay: list[str] = field(default_factory=list)  # more parameter-name patterns without weight decay
 
 
 def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> list[dict]:
@@ -130,7 +131,8 @@ def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> 
     cfg, info = ctx.cfg, ctx.info
     sched = spec.schedule
     module = spec.method.wrap(spec.net)
-    optimizer = build_optimizer(sched, model_groups(module, sched.no_decay) + spec.method.param_groups())
+    groups = model_groups(module, [*sched.no_decay, *spec.no_decay]) + spec.method.param_groups()
+    optimizer = build_optimizer(sched, groups)
     start, rows = 0, []
     if ckpt is not None:
         spec.net.load_state_dict(ckpt["model"])
@@ -238,13 +240,15 @@ class TrainStage(Stage):
 
     def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
         cfg, data = ctx.cfg, ctx.data
+        epochs = cfg.schedule.epochs
         loss = build_loss(cfg.loss, ctx.stats).to(ctx.device)
-        reweight = Reweighting(cfg.reweight, ctx.stats.counts)
-        synth = Synthesizer(cfg.synth, data.train_x, data.train_y, ctx.stats.counts)
+        no_decay = loss.prepare(model)
+        reweight = Reweighting(cfg.reweight, ctx.stats.counts, epochs)
+        synth = Synthesizer(cfg.synth, data.train_x, data.train_y, ctx.stats.counts, epochs)
         method: Method = Supervised(loss, ctx.task, reweight, synth)
         if cfg.semi is not None:
             method = SEMI.build(cfg.semi, method, model, ctx)
-        spec = StageSpec(model, method.to(ctx.device), cfg.schedule, cfg.sampler, cfg.augment, synth)
+        spec = StageSpec(model, method.to(ctx.device), cfg.schedule, cfg.sampler, cfg.augment, synth, no_decay)
         rows = train(ctx, self, spec, ckpt)
         return StageResult(method.eval_model(model), method.summary(), rows)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltbench.config import SynthConfig
+from ltbench.config import SynthConfig, epoch_at
 from ltbench.errors import ConfigError
 from ltbench.registry import Registry
 
@@ -114,9 +114,15 @@ class Synthesizer:
     """Builds the synthetic samples of one config for one training set."""
 
     def __init__(
-        self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int]
+        self,
+        cfg: SynthConfig,
+        train_x: torch.Tensor | None,
+        train_y: torch.Tensor,
+        counts: list[int],
+        epochs: int | None = None,
     ) -> None:
         SYNTHS.get(cfg.name)
+        self.stop_epoch = None if cfg.stop is None or epochs is None else epoch_at(cfg.stop, epochs)
         if cfg.name in ("smote", "noise") and train_x is None:
             raise ConfigError(
                 f"synth={cfg.name} works on CIFAR-scale tensor data only (image files have no pixel array)"
@@ -131,7 +137,7 @@ class Synthesizer:
             self.neighbours = knn_within_class(train_x, train_y.cpu(), minority, cfg.k)
 
     def active(self, epoch: int) -> bool:
-        return self.cfg.name != "none" and (self.cfg.stop_epoch is None or epoch < self.cfg.stop_epoch)
+        return self.cfg.name != "none" and (self.stop_epoch is None or epoch < self.stop_epoch)
 
     @property
     def mixes(self) -> bool:

@@ -55,7 +55,8 @@ def test_defaults_are_the_reference_recipe(cfg_of):
         2e-4,
         5,
     )
-    assert s.milestones == [160, 180] and s.gamma == 0.01
+    # milestones are fractions of the epochs: the reference's 160 and 180 of 200
+    assert s.milestones == [0.8, 0.9] and s.milestone_epochs == [160, 180] and s.gamma == 0.01
     assert c.model.name == "resnet32" and c.model.depth == 32 and c.model.head == "linear"
 
 
@@ -66,12 +67,14 @@ def test_every_strategy_composes_and_names_itself(cfg_of, name):
 
 
 def test_preset_is_a_diff(cfg_of):
+    from ltbench.reweight import Reweighting
+
     c = to_schema(cfg_of("strategy=ldam_drw"))
     assert c.loss.name == "ldam" and c.model.head == "cosine" and c.reweight.name == "effective_number"
-    assert c.reweight.start_epoch == 160  # the first lr decay
+    assert Reweighting(c.reweight, [10, 1], c.schedule.epochs).start_epoch == 160  # the first lr decay
     assert c.sampler.name == "instance"  # untouched groups keep their defaults
     short = to_schema(cfg_of("strategy=ldam_drw", "schedule=short"))
-    assert short.reweight.start_epoch == 24  # DRW follows the schedule
+    assert Reweighting(short.reweight, [10, 1], short.schedule.epochs).start_epoch == 24  # DRW follows the schedule
 
 
 def test_command_line_beats_preset(cfg_of):
@@ -109,7 +112,8 @@ def test_unknown_strategy_rejected(cfg_of):
         ("dataset.profile=linear", "profile"),
         ("loss=ldam", "cosine"),
         ("device=tpu", "device"),
-        ("schedule.milestones=[180,160]", "milestones"),
+        ("schedule.milestones=[0.9,0.8]", "milestones"),
+        ("schedule.milestones=[160,180]", "fractions"),
     ],
 )
 def test_cross_field_checks(cfg_of, override, match):

@@ -45,7 +45,7 @@ def tiny_trainer(epochs=2, steps=3):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
-    sched = ScheduleConfig(epochs=epochs, lr=0.1, warmup_epochs=0, milestones=[])
+    sched = ScheduleConfig(epochs=epochs, lr=0.1, warmup=0.0, milestones=[])
     method = MSEMethod()
 
     def batches(ep: Epoch):
@@ -106,7 +106,7 @@ def test_lr_schedule_reference_shape():
     assert [lr_at(e, s) for e in (0, 4)] == pytest.approx([0.02, 0.1])
     assert lr_at(159, s) == pytest.approx(0.1) and lr_at(160, s) == pytest.approx(1e-3)
     assert lr_at(199, s) == pytest.approx(1e-5)
-    c = ScheduleConfig(epochs=10, warmup_epochs=0, decay="cosine", milestones=[])
+    c = ScheduleConfig(epochs=10, warmup=0.0, decay="cosine", milestones=[])
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(5, c) == pytest.approx(0.05)
 
 

@@ -56,13 +56,77 @@ def test_label_smoothing(batch):
 
 
 def test_focal_formula_and_gamma_zero_is_ce(batch):
-    logits, target, w = batch
+    logits, target, _ = batch
     p_t = logits.softmax(1)[torch.arange(64), target]
     expected = (1 - p_t) ** 2 * -torch.log(p_t)
     f = Focal(COUNTS, gamma=2.0)
     assert torch.allclose(f(logits, target, reduction="none"), expected, atol=1e-5)
-    assert torch.allclose(f(logits, target, w), (w[target] * expected).sum() / w[target].sum(), atol=1e-5)
+    assert torch.allclose(f(logits, target), expected.mean(), atol=1e-5)
     assert torch.allclose(Focal(COUNTS, gamma=0.0)(logits, target), F.cross_entropy(logits, target), atol=1e-6)
+
+
+def ldam_drw_focal(logits, target, weight, gamma):
+    """Transcribed from kaidic/LDAM-DRW, losses.py (focal_loss and FocalLoss.forward): the per-sample weighted CE
+    goes through the focal factor, then a plain mean over the batch."""
+    c = F.cross_entropy(logits, target, reduction="none", weight=weight)
+    p = torch.exp(-c)
+    return ((1 - p) ** gamma * c).mean()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_weighted_focal_matches_the_ldam_drw_reference_value_and_gradient(batch, gamma):
+    logits, target, w = batch
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    ours = Focal(COUNTS, gamma=gamma)(a, target, w)
+    ref = ldam_drw_focal(b, target, w, gamma)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(a.grad, b.grad, atol=1e-7)
+    # not the weighted mean sum(w l) / sum(w) of the cross-entropy convention
+    plain = Focal(COUNTS, gamma=gamma)(logits, target, reduction="none")
+    if gamma:
+        assert not torch.allclose(ours, (w[target] * plain).sum() / w[target].sum(), atol=1e-3)
+
+
+def cb_focal_reference(logits, target, weight, gamma):
+    """Transcribed from richardaecn/class-balanced-loss, src/cifar_main.py (focal_loss, with alpha = the class weight
+    of each sample tiled over the classes): the stable focal modulator, the sum over every (sample, class) term,
+    divided by the number of positive labels (= the batch size)."""
+    labels = F.one_hot(target, logits.shape[1]).float()
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    modulator = torch.exp(-gamma * labels * logits - gamma * torch.log1p(torch.exp(-logits))) if gamma else 1.0
+    alpha = weight[target][:, None].expand_as(labels)
+    return (alpha * modulator * bce).sum() / labels.sum()
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+def test_class_balanced_sigmoid_focal_matches_the_reference_value_and_gradient(batch, gamma):
+    logits, target, w = batch
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    ours = SigmoidFocal(COUNTS, gamma=gamma)(a, target, w)
+    ref = cb_focal_reference(b, target, w, gamma)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours, ref, rtol=1e-5) and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_sigmoid_focal_starts_every_class_at_the_prior_and_spares_its_bias_weight_decay():
+    from ltbench.models.resnet_cifar import CifarResNet
+    from ltbench.optim import build_optimizer, model_groups
+
+    model = CifarResNet(8, 4, 10)
+    loss = SigmoidFocal(list(range(10, 0, -1)), prior_bias=True)
+    no_decay = loss.prepare(model)
+    assert torch.allclose(model.head.bias, torch.full((10,), -math.log(9)))
+    assert torch.allclose(torch.sigmoid(model.head.bias), torch.full((10,), 0.1))
+    from ltbench.config import ScheduleConfig
+
+    opt = build_optimizer(ScheduleConfig(), model_groups(model, no_decay))
+    spared = next(g for g in opt.param_groups if g["name"] == "no_decay")
+    assert spared["weight_decay"] == 0.0 and [p.data_ptr() for p in spared["params"]] == [model.head.bias.data_ptr()]
+    assert SigmoidFocal(COUNTS, prior_bias=False).prepare(model) == []
 
 
 def test_sigmoid_focal_formula(batch):
@@ -125,10 +189,11 @@ def test_effective_number_beta_zero_is_uniform():
 
 
 def test_drw_switches_on_at_start_epoch():
-    rw = Reweighting(EffectiveNumberConfig(start_epoch=160), COUNTS)
+    rw = Reweighting(EffectiveNumberConfig(start=0.8), COUNTS, epochs=200)
     assert rw.at(0) is None and rw.at(159) is None
     assert torch.allclose(rw.at(160), class_weights("effective_number", COUNTS))
-    assert Reweighting(ReweightConfig(name="none"), COUNTS).at(199) is None
+    assert Reweighting(ReweightConfig(name="none"), COUNTS, epochs=200).at(199) is None
+    assert Reweighting(EffectiveNumberConfig(start=0.8), COUNTS, epochs=30).start_epoch == 24  # follows the schedule
 
 
 def test_mixed_loss_reduces_to_plain_loss(batch):

@@ -75,7 +75,7 @@ PLUGIN = textwrap.dedent(
 
 
     @DATASETS.register("blobs_test", BlobsConfig)
-    def blobs(cfg, workdir):
+    def blobs(cfg, workdir, holdout=False):
         """Coloured noise images, one colour per class, long-tailed with the CIFAR-LT construction."""
         rng = np.random.default_rng(123)
         colours = rng.integers(20, 235, size=(cfg.num_classes, 3, 1, 1))

@@ -84,10 +84,10 @@ def test_class_reorg_fills_every_class_to_max():
 
 
 def test_drs_switches_at_start_epoch():
-    s = Sampler(DRSConfig(start_epoch=3), LABELS, 5, 10)
+    s = Sampler(DRSConfig(start=0.3), LABELS, 5, 10)
     before = s.epoch_indices(2, torch.Generator().manual_seed(0))
     assert sorted(before.tolist()) == list(range(N))
-    p, _ = hist("drs", epoch=3, start_epoch=3)
+    p, _ = hist("drs", epoch=3, start=0.3)
     assert_probs(p, [1] * 5)
 
 

@@ -160,7 +160,9 @@ def test_tau_is_chosen_on_validation_and_the_curve_is_recorded(compose_cfg, cifa
     assert m["stage2"]["chosen"]["tau"] == first_best["tau"]
     assert m["top1"] == pytest.approx(first_best["top1"])  # the reported test number is the chosen tau's
     assert (tmp_path / "t" / "tau_curve.csv").read_text().startswith("tau,val_balanced_acc,top1")
-    assert m["val_class_counts"][0] == 0 and "val_note" in m  # the largest class has no images left
+    # the largest class keeps all its images in the subset: tau_norm selects on validation, so 20 of them moved
+    assert m["val_class_counts"] == [20] * 10 and m["val_moved"][:3] == [20, 10, 3] and "val_note" in m
+    assert m["train_class_counts"] == [20, 20, 20, 18, 14, 11, 8, 6, 5, 4]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Datasets: a long-tailed training subset, a balanced validation split and a balanced test set.
 
-Each dataset registers a builder ``(cfg, workdir) -> LTData`` with its own config schema in :data:`DATASETS`.
+Each dataset registers a builder ``(cfg, workdir, holdout=False) -> LTData`` with its own config schema in
+:data:`DATASETS` (``holdout``: see :func:`build_dataset`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ltbench.data.imagelist import (
     scan_folder,
     write_generated,
 )
-from ltbench.data.lt import array_fingerprint, lt_counts, lt_split, split_hash
+from ltbench.data.lt import array_fingerprint, hold_out, lt_counts, lt_split, split_hash
 from ltbench.errors import ConfigError, DataError
 from ltbench.registry import Registry
 
@@ -130,6 +131,7 @@ class LTData:
     test_files: list[str] | None = None
     val_files: list[str] | None = None
     split_files: dict[str, str] | None = None  # where the split lists were read from / written to
+    val_moved: list[int] | None = None  # per class: validation images taken out of the training subset
 
     @property
     def num_classes(self) -> int:
@@ -139,9 +141,13 @@ class LTData:
 DATASETS: Registry[Callable[..., LTData]] = Registry("dataset", DatasetConfig)
 
 
-def build_dataset(cfg: DatasetConfig, workdir: str | Path = ".") -> LTData:
-    """The dataset of a config; ``workdir`` is where generated split lists go unless dataset.split_dir says."""
-    return DATASETS.get(cfg.name).builder(cfg, Path(workdir))
+def build_dataset(cfg: DatasetConfig, workdir: str | Path = ".", holdout: bool = False) -> LTData:
+    """The dataset of a config; ``workdir`` is where generated split lists go unless dataset.split_dir says.
+
+    ``holdout``: complete the validation split of classes with too few unused training images from the training
+    subset (see :func:`ltbench.data.lt.hold_out`); a dataset whose validation split is always complete ignores it.
+    """
+    return DATASETS.get(cfg.name).builder(cfg, Path(workdir), holdout=holdout)
 
 
 # Per-channel statistics of the CIFAR training sets (the constants of the CIFAR-LT reference code).
@@ -149,7 +155,7 @@ _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def _cifar_lt(cfg: CifarLTConfig, workdir: Path) -> LTData:
+def _cifar_lt(cfg: CifarLTConfig, workdir: Path, holdout: bool = False) -> LTData:
     """CIFAR-10/100-LT: the published long-tailed construction (Cao et al. 2019), seeded and recorded."""
     root = cfg.root or default_data_root()
     train_x, train_y, test_x, test_y, names = load_cifar(root, cfg.num_classes, cfg.download)
@@ -164,6 +170,9 @@ def _cifar_lt(cfg: CifarLTConfig, workdir: Path) -> LTData:
     if min(counts) < 1:
         raise ConfigError(f"dataset.imbalance_ratio={cfg.imbalance_ratio} leaves a class with no image (n_max={n_max})")
     idx, val_idx = lt_split(train_y, counts, cfg.split_seed, cfg.val_per_class)
+    moved = None
+    if holdout:
+        idx, val_idx, moved = hold_out(idx, val_idx, train_y, cfg.val_per_class)
     kept_x, kept_y = train_x[idx], train_y[idx]
     return LTData(
         name=cfg.name,
@@ -182,6 +191,7 @@ def _cifar_lt(cfg: CifarLTConfig, workdir: Path) -> LTData:
         split_hash=split_hash(idx, kept_y),
         data_fingerprint=array_fingerprint(kept_x, kept_y, train_x[val_idx], train_y[val_idx], test_x, test_y),
         root=str(Path(root).resolve()),
+        val_moved=moved,
     )
 
 
@@ -235,8 +245,9 @@ def _files_data(
     )
 
 
-def _published_or_generated(cfg: ImageListConfig, workdir: Path) -> LTData:
-    """ImageNet-LT / Places-LT: the published split lists, or a split generated from the full train folder."""
+def _published_or_generated(cfg: ImageListConfig, workdir: Path, holdout: bool = False) -> LTData:
+    """ImageNet-LT / Places-LT: the published split lists, or a split generated from the full train folder (the
+    validation split is complete either way: 20 images of every class)."""
     root = Path(cfg.root or default_data_root()).expanduser()
     return _published(cfg, root) if cfg.split == "published" else _generated(cfg, root, workdir)
 
@@ -299,7 +310,7 @@ def _generated(cfg: ImageListConfig, root: Path, workdir: Path) -> LTData:
     return _files_data(cfg, root, train, val, test, train_idx, val_idx, classes, files)
 
 
-def _folder(cfg: FolderConfig, workdir: Path) -> LTData:
+def _folder(cfg: FolderConfig, workdir: Path, holdout: bool = False) -> LTData:
     """Any ImageFolder tree: root/train/<class>/* for training, root/test/<class>/* for the test set.
 
     Natural imbalance (dataset.imbalance_ratio=null): all training images, minus a validation split of up to
@@ -327,6 +338,8 @@ def _folder(cfg: FolderConfig, workdir: Path) -> LTData:
     else:
         counts = lt_counts(int(per_class.min()), cfg.num_classes, cfg.imbalance_ratio, cfg.profile)
         idx, val_idx = lt_split(labels, counts, cfg.split_seed, cfg.val_per_class)
+        if holdout:
+            idx, val_idx, _ = hold_out(idx, val_idx, labels, cfg.val_per_class)
     p = np.asarray(paths)
     train = SplitList(list(p[idx]), labels[idx])
     val = SplitList(list(p[val_idx]), labels[val_idx])

@@ -60,6 +60,27 @@ def lt_split(labels: np.ndarray, counts: list[int], seed: int, val_per_class: in
     return np.concatenate(kept), np.concatenate(val).astype(np.int64)
 
 
+def hold_out(
+    kept: np.ndarray, val: np.ndarray, labels: np.ndarray, val_per_class: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Complete a validation split from the training subset, for classes with too few unused images.
+
+    For a class with fewer than ``val_per_class`` validation images (CIFAR-10-LT's largest class keeps all 5000 of
+    its images), the last images of its kept run (the same seeded shuffle, so the rest of the subset is the published
+    one) move to validation; a class always keeps at least one training image. Returns the new kept and validation
+    indices and how many images of each class moved (in class order).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    new_kept, new_val, moved = [], [], []
+    for c in np.unique(labels[kept]):
+        k, v = kept[labels[kept] == c], val[labels[val] == c]
+        n = max(0, min(val_per_class - len(v), len(k) - 1))
+        new_kept.append(k[: len(k) - n])
+        new_val.append(np.concatenate([k[len(k) - n :], v]))
+        moved.append(int(n))
+    return np.concatenate(new_kept), np.concatenate(new_val).astype(np.int64), moved
+
+
 def split_hash(indices: np.ndarray, labels: np.ndarray) -> str:
     """A short fingerprint of a split: the kept indices and their labels, in order."""
     h = hashlib.sha256()

@@ -38,6 +38,12 @@ def reduce_loss(per_sample: torch.Tensor, w: torch.Tensor | None, reduction: str
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
+def batch_mean(per_sample: torch.Tensor, w: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Like :func:`reduce_loss`, but ``"mean"`` always divides by the batch size, weights or not (the convention
+    of the focal and class-balanced reference code)."""
+    return per_sample.mean() if reduction == "mean" else reduce_loss(per_sample, w, reduction)
+
+
 class LTLoss(nn.Module):
     """Base class: subclasses implement ``per_sample(outputs, target)`` (unweighted) and ``from_config``."""
 
@@ -56,19 +62,27 @@ class LTLoss(nn.Module):
     def per_sample(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def weighted(self, outputs: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample losses with each sample's weight ``w`` applied (default: multiplied)."""
+        loss = self.per_sample(outputs, target)
+        return loss if w is None else loss * w
+
     def sample_weights(self, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | None:
         return None if weight is None else weight[self.bin_of(target)]
 
     def reduce(self, per_sample: torch.Tensor, w: torch.Tensor | None, reduction: str) -> torch.Tensor:
         return reduce_loss(per_sample, w, reduction)
 
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Set up the model for this loss before training (e.g. a prior-matching bias); returns parameter-name
+        patterns to train without weight decay."""
+        return []
+
     def forward(self, outputs, target, weight: torch.Tensor | None = None, reduction: str = "mean"):
-        loss = self.per_sample(outputs.float(), target)
         w = self.sample_weights(target, weight)
         if w is not None:
-            w = w.to(loss.dtype)
-            loss = loss * w
-        return self.reduce(loss, w, reduction)
+            w = w.float()
+        return self.reduce(self.weighted(outputs.float(), target, w), w, reduction)
 
 
 def build_loss(cfg: LossConfig, stats: LabelStats | Sequence[int]) -> LTLoss:
@@ -86,13 +100,13 @@ def mixed_loss(
 ) -> torch.Tensor:
     """Loss of a mixed batch: ``lam_i * L(y_a_i) + (1 - lam_i) * L(y_b_i)``, per-sample ``lam``.
 
-    With weights the mean is normalised by the mixed weights ``lam_i w_{a_i} + (1 - lam_i) w_{b_i}``, so it reduces
-    to the weighted mean above when lam is 0 or 1.
+    With weights the loss's own mean is taken with the mixed weights ``lam_i w_{a_i} + (1 - lam_i) w_{b_i}``, so it
+    reduces to the loss's weighted mean when lam is 0 or 1.
     """
     la = loss_fn(outputs, y_a, weight, reduction="none")
     lb = loss_fn(outputs, y_b, weight, reduction="none")
-    total = (lam * la + (1 - lam) * lb).sum()
+    per = lam * la + (1 - lam) * lb
     if weight is None:
-        return total / len(y_a)
+        return per.sum() / len(y_a)
     wa, wb = weight[loss_fn.bin_of(y_a)], weight[loss_fn.bin_of(y_b)]
-    return total / (lam * wa + (1 - lam) * wb).sum()
+    return loss_fn.reduce(per, lam * wa + (1 - lam) * wb, "mean")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from ltbench.config import LossConfig
 from ltbench.errors import ConfigError
-from ltbench.losses import LOSSES, LTLoss
+from ltbench.losses import LOSSES, LTLoss, batch_mean
 
 
 def _check_smoothing(value: float) -> None:
@@ -147,7 +148,12 @@ class FocalConfig(LossConfig):
 
 @LOSSES.register("focal", FocalConfig)
 class Focal(LTLoss):
-    """Softmax focal loss (Lin et al. 2017): ``(1 - p_t)^gamma * CE``; gamma=0 is cross-entropy."""
+    """Softmax focal loss (Lin et al. 2017): ``(1 - p_t)^gamma * CE``; gamma=0 is cross-entropy.
+
+    With class weights it follows the code behind the CB-focal rows of Cao et al. 2019 (kaidic/LDAM-DRW,
+    ``losses.py``, ``FocalLoss(weight=w)``): the weight enters before the modulating factor, c_i = w_y * CE_i,
+    loss_i = (1 - exp(-c_i))^gamma * c_i, and the mean divides by the batch size, not by the sum of the weights.
+    """
 
     def __init__(self, class_counts, gamma: float = 1.0) -> None:
         super().__init__(class_counts)
@@ -158,9 +164,15 @@ class Focal(LTLoss):
         return cls(stats, cfg.gamma)
 
     def per_sample(self, logits, target):
+        return self.weighted(logits, target, None)
+
+    def weighted(self, logits, target, w):
         ce = F.cross_entropy(logits, target, reduction="none")
-        p_t = torch.exp(-ce)
-        return (1.0 - p_t).pow(self.gamma) * ce
+        c = ce if w is None else w * ce
+        return (1.0 - torch.exp(-c)).pow(self.gamma) * c
+
+    def reduce(self, per_sample, w, reduction):
+        return batch_mean(per_sample, w, reduction)
 
 
 @dataclass
@@ -168,6 +180,9 @@ class SigmoidFocalConfig(LossConfig):
     name: str = "sigmoid_focal"
     gamma: float = 1.0
     alpha: float | None = None  # weight of the positive term (negatives get 1 - alpha)
+    # Cui et al. 2019: the classifier bias starts at -log(C-1), so every sigmoid starts at the prior 1/C, and gets
+    # no weight decay (richardaecn/class-balanced-loss, src/model_base.py and src/cifar_main.py)
+    prior_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.gamma < 0:
@@ -178,16 +193,30 @@ class SigmoidFocalConfig(LossConfig):
 class SigmoidFocal(LTLoss):
     """One-vs-all sigmoid focal loss summed over classes, as in the class-balanced loss (Cui et al. 2019).
 
-    ``alpha`` (optional) weights the positive term by alpha and the negatives by 1 - alpha.
+    ``alpha`` (optional) weights the positive term by alpha and the negatives by 1 - alpha. A class weight w_y
+    multiplies all C binary terms of a sample, and the mean divides by the number of positives, i.e. the batch size
+    (richardaecn/class-balanced-loss, ``src/cifar_main.py``, ``focal_loss``). ``prior_bias``: the classifier bias
+    starts at -log(C-1) (every sigmoid at 1/C) and is trained without weight decay.
     """
 
-    def __init__(self, class_counts, gamma: float = 1.0, alpha: float | None = None) -> None:
+    def __init__(self, class_counts, gamma: float = 1.0, alpha: float | None = None, prior_bias: bool = False) -> None:
         super().__init__(class_counts)
-        self.gamma, self.alpha = gamma, alpha
+        self.gamma, self.alpha, self.prior_bias = gamma, alpha, prior_bias
 
     @classmethod
     def from_config(cls, cfg, stats):
-        return cls(stats, cfg.gamma, cfg.alpha)
+        return cls(stats, cfg.gamma, cfg.alpha, cfg.prior_bias)
+
+    def reduce(self, per_sample, w, reduction):
+        return batch_mean(per_sample, w, reduction)
+
+    def prepare(self, model):
+        bias = getattr(getattr(model, "head", None), "bias", None)
+        if not self.prior_bias or bias is None:
+            return []
+        with torch.no_grad():
+            bias.fill_(-math.log(max(len(self.counts) - 1, 1)))
+        return ["head.bias"]
 
     def per_sample(self, logits, target):
         y = F.one_hot(target, logits.shape[1]).to(logits.dtype)

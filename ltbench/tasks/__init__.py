@@ -81,6 +81,10 @@ class Task:
     def columns(self) -> list[Column]:
         raise NotImplementedError
 
+    def artifacts(self, outputs: torch.Tensor, target: torch.Tensor, stats: LabelStats) -> dict[str, list[dict]]:
+        """Files (name -> CSV rows) written beside the record after the final test evaluation."""
+        return {}
+
     def brief(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The part of an evaluation kept in a stage's record."""
         keep = {c.key for c in self.columns()} | {"group_sizes"}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ltbench.config import GroupsConfig, TaskConfig
-from ltbench.metrics import GROUPS, summarize
+from ltbench.metrics import GROUPS, class_groups, confusion_matrix, expected_calibration_error, summarize
 from ltbench.tasks import TASKS, Column, LabelStats, Task, counts_of
 
 
@@ -43,14 +43,28 @@ class Classification(Task):
         pred = outputs.argmax(1)
         summary = summarize(pred, target, stats.counts, groups)
         summary["balanced_top1"] = balanced_accuracy(pred, target, len(stats.counts))
+        # calibration (long-tail methods trade it: MiSLAS), overall and per group of classes, in %
+        probs = outputs.float().softmax(1)
+        summary["ece"] = expected_calibration_error(probs, target)
+        members = class_groups(groups, stats.counts)
+        summary["ece_groups"] = {
+            g: expected_calibration_error(probs[mask], target[mask])
+            for g in GROUPS
+            for mask in [torch.isin(target, torch.as_tensor(members[g], dtype=torch.long))]
+        }
         return summary
 
     def columns(self) -> list[Column]:
-        return [Column("top1", "top-1"), *(Column(g, g) for g in GROUPS)]
+        return [Column("top1", "top-1"), *(Column(g, g) for g in GROUPS), Column("ece", "ECE", False)]
 
     def brief(self, summary: dict[str, Any]) -> dict[str, Any]:
-        keys = ("top1", *GROUPS, "balanced_top1", "group_sizes", "per_class_acc")
+        keys = ("top1", *GROUPS, "balanced_top1", "ece", "group_sizes", "per_class_acc")
         return {k: summary[k] for k in keys if k in summary}
+
+    def artifacts(self, outputs: torch.Tensor, target: torch.Tensor, stats: LabelStats) -> dict[str, list[dict]]:
+        """confusion.csv: counts, row = true class, column = predicted class."""
+        cm = confusion_matrix(outputs.argmax(1), target, len(stats.counts)).tolist()
+        return {"confusion.csv": [{"true": c, **{str(j): v for j, v in enumerate(row)}} for c, row in enumerate(cm)]}
 
 
 def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float | None:

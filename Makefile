@@ -6,6 +6,10 @@ LTB := $(VENV)/bin/ltbench
 RESULTS ?= results
 DEMO_STRATEGIES ?= ce,balanced_softmax,class_balanced_sampling
 PYTEST_ARGS ?=
+# TORCH=cpu installs PyTorch's CPU-only wheels (no CUDA libraries: about 0.8 GB instead of 5 GB) on machines without
+# a GPU; empty (the default) installs PyTorch from PyPI as usual.
+TORCH ?=
+TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast report lint format clean
@@ -16,10 +20,11 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q torch torchvision --index-url $(TORCH_INDEX_$(TORCH)))
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(VENV)/.installed ## create .venv and install ltbench with its test tools (editable)
+install: $(VENV)/.installed ## create .venv and install ltbench with its test tools (editable); TORCH=cpu: CPU-only wheels
 
 demo: install ## short real comparison on CIFAR-10-LT (ratio 100), then the report table (a few minutes on CPU)
 	$(LTB) train --multirun experiment=demo strategy=$(DEMO_STRATEGIES) results_dir=$(RESULTS)/demo

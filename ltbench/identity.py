@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -191,11 +192,21 @@ def _sweep_subdir_resolver(*, _root_: DictConfig) -> str:
     return sweep_subdir(cfg, list(_root_.hydra.overrides.task))
 
 
-def _output_subdir_resolver(resume: Any) -> str | None:
-    """Hydra's .hydra/ record of the composed config: not written again over a resumed run's own."""
-    return None if resume not in (None, "", "None", "null") else ".hydra"
+def _output_subdir_resolver(output_dir: str) -> str | None:
+    """Hydra's .hydra/ record of the composed config: written for a new run only, never over an existing run's
+    (a resumed one, or one another process writes)."""
+    return None if os.path.exists(os.path.join(output_dir, "metrics.json")) else ".hydra"
+
+
+def _log_file_resolver(output_dir: str, job: str) -> str:
+    """Hydra's job log: the run directory's <job>.log, unless a live process writes that directory (this process
+    will be refused and must not append to the other's log)."""
+    from ltbench.rundir import is_live
+
+    return os.devnull if is_live(Path(output_dir)) else os.path.join(output_dir, f"{job}.log")
 
 
 OmegaConf.register_new_resolver("ltbench_run_dir", _run_dir_resolver, replace=True)
 OmegaConf.register_new_resolver("ltbench_sweep_subdir", _sweep_subdir_resolver, replace=True)
 OmegaConf.register_new_resolver("ltbench_output_subdir", _output_subdir_resolver, replace=True)
+OmegaConf.register_new_resolver("ltbench_log_file", _log_file_resolver, replace=True)

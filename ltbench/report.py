@@ -190,7 +190,10 @@ def print_tables(agg: pd.DataFrame, failed: pd.DataFrame, warnings: list[str], c
         cols = metric_columns(g)
         t = Table(title=escape(f"{_section_title(task, ds, ratio)}: mean ± std over seeds. {_direction_note(cols)}"))
         for i, h in enumerate(_header(g)):  # the method column wraps (never truncated); numbers stay whole
-            t.add_column(escape(h), justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold")
+            if i == 0:
+                t.add_column(escape(h), justify="left", overflow="fold", min_width=min(24, console.width // 3))
+            else:
+                t.add_column(escape(h), justify="right", no_wrap=True)
         for row in _display_rows(g):
             t.add_row(*(escape(c) for c in row))
         console.print(t)

@@ -15,3 +15,12 @@ def test_readme_strategy_table_matches_presets():
 def test_readme_mentions_the_two_setup_commands():
     text = (REPO / "README.md").read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_pyproject_lists_every_package_and_config_group():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    code = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ltbench").rglob("__init__.py")}
+    groups = {f"ltbench.conf.{d.name}" for d in (REPO / "conf").iterdir() if d.is_dir() and d.name != "__pycache__"}
+    assert listed == code | groups | {"ltbench.conf"}, "update [tool.setuptools] packages in pyproject.toml"

@@ -70,6 +70,17 @@ def test_run_records_everything(compose_cfg, cifar10_root, tmp_path):
     idx = [int(v) for v in (tmp_path / "train_indices.txt").read_text().split()]
     assert len(idx) == sum(m["train_class_counts"]) and len(set(idx)) == len(idx) and max(idx) < 400
     assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["num_threads"] == torch.get_num_threads()  # it changes the last digits of a CPU run
+
+
+def test_every_stage_shows_progress(compose_cfg, cifar10_root, tmp_path):
+    from rich.console import Console
+
+    console = Console(record=True, width=150)
+    run(compose_cfg(*_fixture(cifar10_root), "strategy=crt", "progress=true", "classifier.schedule.epochs=2"),
+        tmp_path, console=console)  # fmt: skip
+    text = console.export_text()
+    assert "train" in text and "classifier" in text and "2/2" in text
 
 
 def test_same_seed_same_numbers_other_seed_same_config_hash(compose_cfg, cifar10_root, tmp_path):
@@ -163,6 +174,7 @@ def test_cli_sweep_then_report(cifar10_root, tmp_path):
     assert len(csv) == 3 and csv[0].startswith("dataset,imbalance_ratio,label,config_hash")
     assert (tmp_path / "per_class_cifar10lt_ir10.png").stat().st_size > 1000
     assert (tmp_path / "groups_cifar10lt_ir10.png").stat().st_size > 1000
+    assert (tmp_path / "confusion_cifar10lt_ir10.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -210,6 +222,7 @@ def test_cli_config_error_in_a_sweep_leaves_no_run_behind(cifar10_root, tmp_path
     [
         (["strategy=nope"], "strategy"),
         (["dataset=nope"], "dataset"),
+        (["dataset=dataset_schema"], "Could not find 'dataset/dataset_schema'"),
         (["dataset.imbalance_ratio=0.5"], "imbalance_ratio must be >= 1"),
         (["dataset.root={tmp}/missing", "dataset.download=false"], "download=false"),
         (["resume={tmp}/missing"], "no such run directory"),
@@ -256,6 +269,7 @@ def test_cli_help_and_listing(tmp_path):
     assert r.returncode == 0 and "train" in r.stdout and "report" in r.stdout
     r = ltbench("train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "strategy" in r.stdout
+    assert "schema" not in r.stdout and "classifier: crt, lws, ncm, posthoc_la, tau_norm" in r.stdout
     r = ltbench("strategies", cwd=tmp_path)
     assert r.returncode == 0 and "ldam_drw" in r.stdout
     r = ltbench("train", "--cfg", "job", "strategy=focal", cwd=tmp_path)

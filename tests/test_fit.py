@@ -101,6 +101,26 @@ def test_other_optimisers(name):
     assert type(opt).__name__.lower() == name
 
 
+def ldam_drw_lr(epoch: int) -> float:
+    """Transcribed from kaidic/LDAM-DRW, cifar_train.py (adjust_learning_rate), base lr 0.1, 0-indexed epoch."""
+    e = epoch + 1
+    if e <= 5:
+        return 0.1 * e / 5
+    if e > 180:
+        return 0.1 * 0.0001
+    if e > 160:
+        return 0.1 * 0.01
+    return 0.1
+
+
+def test_reference_recipe_at_200_epochs_is_the_reference_schedule():
+    s = ScheduleConfig()
+    assert [lr_at(e, s) for e in range(200)] == pytest.approx([ldam_drw_lr(e) for e in range(200)], rel=1e-12)
+    # and exactly the numbers ltbench computed when warm-up and milestones were given in epochs (5, 160, 180)
+    before = [0.1 * (e + 1) / 5 if e < 5 else 0.1 * 0.01 ** sum(e >= m for m in (160, 180)) for e in range(200)]
+    assert [lr_at(e, s) for e in range(200)] == before
+
+
 def test_lr_schedule_reference_shape():
     s = ScheduleConfig()  # the CIFAR-LT reference: warm-up 5, x0.01 at 160, x0.0001 at 180
     assert [lr_at(e, s) for e in (0, 4)] == pytest.approx([0.02, 0.1])
@@ -118,6 +138,15 @@ def compose_cfg():
 
 def _fixture(root, tmp):
     return [f"dataset.root={root}", "dataset.download=false", "dataset.imbalance_ratio=10", f"results_dir={tmp}"]
+
+
+def test_a_five_epoch_schedule_runs(compose_cfg, cifar10_root, tmp_path):
+    # the reference recipe made short: warm-up and milestones shrink with it (before: "warm-up 5 >= epochs")
+    reference = ["schedule.warmup=0.025", "schedule.milestones=[0.8,0.9]", "schedule.batch_size=128"]
+    m = run(compose_cfg(*reference, "schedule.epochs=5", *_fixture(cifar10_root, tmp_path)), tmp_path / "r")
+    lrs = [float(r.split(",")[1]) for r in (tmp_path / "r" / "epochs.csv").read_text().splitlines()[1:]]
+    # warm-up 0.025 x 5 rounds to 0 epochs; x0.01 from epoch 0.8 x 5 = 4; 0.9 x 5 = 4.5 rounds to 5 (past the end)
+    assert m["status"] == "completed" and lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.1 * 0.01])
 
 
 def test_tensorboard_logger_writes_scalars_per_stage(compose_cfg, cifar10_root, tmp_path):

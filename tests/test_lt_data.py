@@ -6,7 +6,7 @@ from conftest import make_cifar
 from ltbench.config import GroupsConfig
 from ltbench.data import CifarLTConfig, build_dataset
 from ltbench.data.cifar import load_cifar
-from ltbench.data.lt import lt_counts, lt_subset, split_hash
+from ltbench.data.lt import hold_out, lt_counts, lt_split, lt_subset, split_hash
 from ltbench.errors import DataError
 
 
@@ -100,3 +100,21 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="cannot read"):
         load_cifar(root, 10, download=False)
+
+
+def test_validation_holdout_completes_classes_from_the_end_of_their_subset():
+    labels = np.repeat(np.arange(4), 50)
+    kept, val = lt_split(labels, [50, 40, 10, 5], seed=0, val_per_class=20)
+    assert np.bincount(labels[val], minlength=4).tolist() == [0, 10, 20, 20]
+    k2, v2, moved = hold_out(kept, val, labels, 20)
+    assert moved == [20, 10, 0, 0]
+    assert np.bincount(labels[v2], minlength=4).tolist() == [20, 20, 20, 20]
+    assert np.bincount(labels[k2], minlength=4).tolist() == [30, 30, 10, 5]
+    assert not set(k2) & set(v2) and set(k2) | set(v2) == set(kept) | set(val)
+    # the rest of the subset is the published one: each class keeps a prefix of its original run
+    for c in range(4):
+        orig, new = kept[labels[kept] == c], k2[labels[k2] == c]
+        assert np.array_equal(orig[: len(new)], new)
+    # a class never loses its last training image
+    _, _, moved = hold_out(*lt_split(labels, [5, 5, 5, 5], 0, 0), labels, 20)
+    assert moved == [4, 4, 4, 4]

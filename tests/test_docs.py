@@ -24,3 +24,27 @@ def test_pyproject_lists_every_package_and_config_group():
     code = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ltbench").rglob("__init__.py")}
     groups = {f"ltbench.conf.{d.name}" for d in (REPO / "conf").iterdir() if d.is_dir() and d.name != "__pycache__"}
     assert listed == code | groups | {"ltbench.conf"}, "update [tool.setuptools] packages in pyproject.toml"
+
+
+def test_readme_adding_a_method_example_works(tmp_path):
+    """The README's new-loss example, taken from the README itself: it registers, composes and computes a loss."""
+    import re
+
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from ltbench.config import to_schema
+    from ltbench.losses import build_loss
+
+    text = (REPO / "README.md").read_text().split("## Adding a method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    yaml = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "squared_hinge.yaml").write_text(yaml)
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        cfg = to_schema(compose("train", overrides=[f"hydra.searchpath=[file://{tmp_path}]", "loss=squared_hinge"]))
+    loss = build_loss(cfg.loss, [50, 10, 5])
+    value = loss(torch.randn(8, 3), torch.randint(0, 3, (8,)), torch.tensor([0.2, 1.0, 2.0]))
+    value.backward()
+    assert value.item() > 0 and loss.scale.grad is not None

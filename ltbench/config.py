@@ -176,7 +176,14 @@ class TaskConfig:
 
 @dataclass
 class DatasetConfig:
-    """Base of every dataset schema (ltbench.data). ``root`` None: $LTBENCH_DATA if set, else ./data."""
+    """Base of every dataset schema (ltbench.data). ``root`` None: $LTBENCH_DATA if set, else ./data.
+
+    Class attributes (not settings) say what the dataset gives: ``task`` (classification | regression) and
+    ``inputs`` (images | features | text), so a mismatched task or model is refused when the config is composed.
+    """
+
+    task = "classification"
+    inputs = "images"
 
     name: str = MISSING
     root: str | None = runtime(None)

@@ -47,16 +47,17 @@ def tensor_batches(
 class DataFeed:
     def __init__(self, data: LTData, cfg: DatasetConfig, device: torch.device) -> None:
         self.data, self.cfg, self.device = data, cfg, device
-        if data.kind == "tensor":
+        if data.kind in ("tensor", "features"):
             assert data.train_x is not None
             self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         else:
             from ltbench.data.images import ImageFiles, eval_transform, train_transform
 
-            ev = eval_transform(cfg.resize, cfg.image_size, data.mean, data.std)
-            self._train_files = ImageFiles(
-                data.root, data.train_files, data.train_y, train_transform(cfg.image_size, data.mean, data.std)
+            tr, ev = data.transforms or (
+                train_transform(cfg.image_size, data.mean, data.std),
+                eval_transform(cfg.resize, cfg.image_size, data.mean, data.std),
             )
+            self._train_files = ImageFiles(data.root, data.train_files, data.train_y, tr)
             self._train_plain = ImageFiles(data.root, data.train_files, data.train_y, ev)
             self._eval = {
                 "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
@@ -74,6 +75,12 @@ class DataFeed:
         gen: torch.Generator,
     ) -> Iterator[Batch]:
         """Training batches in the order of ``indices``; ``augment=None`` means no augmentation."""
+        if self.data.kind == "features":
+            for start in range(0, len(indices), batch_size):
+                idx = indices[start : start + batch_size]
+                idx_dev = idx.to(self.device, non_blocking=True)
+                yield Batch(self.train_x[idx_dev], self.train_y[idx_dev], idx)
+            return
         if self.data.kind != "tensor":
             ds = self._train_files if augment is not None else self._train_plain
             from ltbench.data.images import loader_batches
@@ -115,4 +122,5 @@ class DataFeed:
             x_all, y_all = x_all[indices], y_all[indices]
         for start in range(0, len(x_all), batch_size):
             xb = x_all[start : start + batch_size].to(self.device, non_blocking=True)
-            yield Batch(normalize(xb, data.mean, data.std), y_all[start : start + batch_size])
+            xb = xb if data.kind == "features" else normalize(xb, data.mean, data.std)
+            yield Batch(xb, y_all[start : start + batch_size])

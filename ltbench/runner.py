@@ -256,7 +256,7 @@ def _describe(record: dict, tcfg: TrainConfig, data: LTData, stats, device: torc
     if record["imbalance_ratio"] is None:  # the split's own imbalance, measured
         nonzero = [c for c in stats.counts if c > 0]
         record["imbalance_ratio"] = round(max(nonzero) / min(nonzero), 2)
-    val_counts = [int(c) for c in torch.bincount(data.val_y, minlength=data.num_classes)]
+    val_counts = [int(c) for c in torch.bincount(stats.bin_of(data.val_y), minlength=data.num_classes)]
     record.update(
         split_files=data.split_files,
         split_hash=data.split_hash,
@@ -265,17 +265,19 @@ def _describe(record: dict, tcfg: TrainConfig, data: LTData, stats, device: torc
         num_train=len(data.train_y),
         num_test=len(data.test_y),
         train_class_counts=stats.counts,
-        test_class_counts=[int(c) for c in torch.bincount(data.test_y, minlength=data.num_classes)],
+        test_class_counts=[int(c) for c in torch.bincount(stats.bin_of(data.test_y), minlength=data.num_classes)],
         val_class_counts=val_counts,
         class_names=data.class_names,
+        data_info=data.info,
         columns=[c.as_dict() for c in build_task(tcfg.task).columns()],
+        group_unit="classes" if tcfg.task.name == "classification" else "bins",
         device=str(device),
         world_size=info.world_size,
         num_threads=torch.get_num_threads(),
         stages=[s.name for s in plan(tcfg)],
     )
     short = [c for c, n in enumerate(val_counts) if n < tcfg.dataset.val_per_class]
-    if short:
+    if short and tcfg.task.name == "classification":
         record["val_note"] = (
             f"classes {short} have fewer than {tcfg.dataset.val_per_class} training images left "
             "outside the long-tailed subset; the validation split holds what is left of them"

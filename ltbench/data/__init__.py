@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +106,10 @@ class FolderConfig(ImageFilesConfig):
 class LTData:
     """Everything a run needs to know about its data.
 
-    Two kinds: ``tensor`` (CIFAR scale: images held as uint8 tensors, ``*_x``) and ``files`` (image files decoded
-    by a DataLoader: ``*_files`` are paths relative to ``root``). Labels are int64 tensors in both.
+    Three kinds: ``tensor`` (CIFAR scale: images held as uint8 tensors, ``*_x``, augmented on the device),
+    ``features`` (any tensor of inputs, e.g. tabular rows or token ids, used as it is) and ``files`` (image files
+    decoded by a DataLoader: ``*_files`` are paths relative to ``root``). Labels are int64 class indices, or float
+    regression targets whose "classes" are label bins (``bin_start``, ``bin_width``; ``class_counts`` per bin).
     """
 
     name: str
@@ -132,9 +134,20 @@ class LTData:
     val_files: list[str] | None = None
     split_files: dict[str, str] | None = None  # where the split lists were read from / written to
     val_moved: list[int] | None = None  # per class: validation images taken out of the training subset
+    # Regression: float targets; "classes" are label bins of bin_width from bin_start (class_counts per bin).
+    bin_start: float | None = None
+    bin_width: float | None = None
+    # Image files with their own pipeline (train, eval); None: the ImageNet-LT one
+    transforms: tuple | None = None
+    # Facts a model needs about the inputs (e.g. {"vocab_size": 12000}); recorded in metrics.json as data_info
+    info: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
+        return len(self.class_counts)
+
+    @property
+    def num_bins(self) -> int:
         return len(self.class_counts)
 
 

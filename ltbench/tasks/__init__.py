@@ -24,13 +24,15 @@ TASKS: Registry[type[Task]] = Registry("task", TaskConfig)
 class LabelStats:
     """Training-set counts per label bin and the map from targets to bins.
 
-    Classification: bin = class. Regression: bins of width ``bin_width`` from ``bin_start`` (values outside are
-    clamped into the first or last bin), and ``centers`` are the bin centres.
+    Classification: bin = class. Regression: bins of the dataset's width (values outside are clamped into the first
+    or last bin), ``centers`` the bin centres, and the model predicts ``(y - center) / scale``.
     """
 
     counts: list[int]
     bin_of: Callable[[torch.Tensor], torch.Tensor]
     centers: list[float] | None = None
+    center: float = 0.0
+    scale: float = 1.0
 
     @property
     def num_bins(self) -> int:
@@ -62,6 +64,10 @@ class Task:
         raise NotImplementedError
 
     def out_dim(self, data: Any) -> int:
+        raise NotImplementedError
+
+    def predict(self, outputs: torch.Tensor, stats: LabelStats) -> torch.Tensor:
+        """Predictions (class indices, or values on the original scale) from model outputs."""
         raise NotImplementedError
 
     def step_sums(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ltbench.config import GroupsConfig, TaskConfig
+from ltbench.errors import ConfigError
 from ltbench.metrics import GROUPS, class_groups, confusion_matrix, expected_calibration_error, summarize
 from ltbench.tasks import TASKS, Column, LabelStats, Task, counts_of
 
@@ -15,6 +16,13 @@ from ltbench.tasks import TASKS, Column, LabelStats, Task, counts_of
 @dataclass
 class ClassificationConfig(TaskConfig):
     name: str = "classification"
+
+    def check(self, root: Any) -> None:
+        if getattr(root.dataset, "task", "classification") != "classification":
+            raise ConfigError(
+                f"dataset={root.dataset.name} is a regression dataset: add task=regression "
+                f"(or use its reference recipe: experiment={root.dataset.name})"
+            )
 
 
 @TASKS.register("classification", ClassificationConfig)
@@ -29,6 +37,9 @@ class Classification(Task):
 
     def out_dim(self, data: Any) -> int:
         return data.num_classes
+
+    def predict(self, outputs: torch.Tensor, stats: LabelStats) -> torch.Tensor:
+        return outputs.argmax(1)
 
     def step_sums(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"correct": (outputs.detach().argmax(1) == target).sum()}

@@ -265,6 +265,13 @@ class PretrainConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Base of the methods that change how the training stage trains (ltbench.methods: fds, ...)."""
+
+    name: str = MISSING
+
+
+@dataclass
 class SemiConfig:
     """Base of the semi-supervised methods that join the training stage (ltbench.methods)."""
 
@@ -290,6 +297,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig | None = None  # stage 0 (ltbench train pretrain=...)
+    method: MethodConfig | None = None  # a method of the training stage beyond loss/sampler/weights (method=fds)
     semi: SemiConfig | None = None  # semi-supervised learning in the training stage
     classifier: ClassifierConfig | None = None  # stage 2 (decoupled classifier)
     logger: LoggerConfig | None = runtime(None)
@@ -322,6 +330,7 @@ REGISTERED_SECTIONS = {
     "reweight": "reweight",
     "synth": "synth",
     "pretrain": "pretrain",
+    "method": "method",
     "semi": "semi",
     "classifier": "classifier",
     "logger": "logger",

@@ -107,7 +107,7 @@ class DataFeed:
     def evaluate(self, split: str, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[Batch]:
         """Batches of a split ("test", "val", "train": no augmentation), in order (or in ``indices`` order)."""
         data = self.data
-        if data.kind != "tensor":
+        if data.kind == "files":
             from ltbench.data.images import loader_batches
 
             ds = self._train_plain if split == "train" else self._eval[split]

@@ -20,12 +20,14 @@ from ltbench.config import ScheduleConfig
 
 @dataclass
 class ParamGroup:
-    """Parameters trained together; ``weight_decay`` None uses the schedule's."""
+    """Parameters trained together; ``weight_decay`` None uses the schedule's; ``fixed_lr``: a constant lr that the
+    schedule does not change (Balanced MSE's noise scale, as in its reference code)."""
 
     name: str
     params: list[torch.nn.Parameter] = field(default_factory=list)
     lr_scale: float = 1.0
     weight_decay: float | None = None
+    fixed_lr: float | None = None
 
 
 def model_groups(model: nn.Module, no_decay: list[str], prefix: str = "") -> list[ParamGroup]:
@@ -43,8 +45,9 @@ def build_optimizer(sched: ScheduleConfig, groups: list[ParamGroup]) -> torch.op
         {
             "params": g.params,
             "name": g.name,
-            "lr": sched.lr * g.lr_scale,
+            "lr": sched.lr * g.lr_scale if g.fixed_lr is None else g.fixed_lr,
             "lr_scale": g.lr_scale,
+            "fixed_lr": g.fixed_lr,
             "weight_decay": sched.weight_decay if g.weight_decay is None else g.weight_decay,
         }
         for g in groups
@@ -70,4 +73,4 @@ def lr_at(epoch: int, sched: ScheduleConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = lr * g.get("lr_scale", 1.0) if g.get("fixed_lr") is None else g["fixed_lr"]

@@ -31,6 +31,11 @@ class EffectiveNumberConfig(ReweightConfig):
             raise ConfigError("reweight.beta must be in [0, 1)")
 
 
+def normalized(raw: torch.Tensor) -> torch.Tensor:
+    """Weights scaled to sum to the number of bins (float32)."""
+    return (raw / raw.sum() * len(raw)).float()
+
+
 @REWEIGHTS.register("none", ReweightConfig)
 def _none(cfg: ReweightConfig, n: torch.Tensor) -> None:
     """No re-weighting."""
@@ -39,33 +44,28 @@ def _none(cfg: ReweightConfig, n: torch.Tensor) -> None:
 
 @REWEIGHTS.register("inverse", ReweightConfig)
 def _inverse(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
-    """w proportional to 1 / n."""
-    return 1.0 / n
+    """w proportional to 1 / n, summing to the number of classes."""
+    return normalized(1.0 / n)
 
 
 @REWEIGHTS.register("sqrt_inverse", ReweightConfig)
 def _sqrt_inverse(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
-    """w proportional to 1 / sqrt(n)."""
-    return n.rsqrt()
+    """w proportional to 1 / sqrt(n), summing to the number of classes."""
+    return normalized(n.rsqrt())
 
 
 @REWEIGHTS.register("effective_number", EffectiveNumberConfig)
 def _effective_number(cfg: ReweightConfig, n: torch.Tensor) -> torch.Tensor:
-    """Class-balanced weights (Cui et al. 2019): 1 / E_n with E_n = (1 - beta^n) / (1 - beta)."""
+    """Class-balanced weights (Cui et al. 2019): 1 / E_n with E_n = (1 - beta^n) / (1 - beta), summing to the
+    number of classes."""
     beta = cfg.beta  # type: ignore[attr-defined]
-    return (1.0 - beta) / (1.0 - torch.pow(beta, n))
-
-
-def normalized(raw: torch.Tensor | None) -> torch.Tensor | None:
-    """Weights scaled to sum to the number of bins (float32); None stays None."""
-    if raw is None:
-        return None
-    return (raw / raw.sum() * len(raw)).float()
+    return normalized((1.0 - beta) / (1.0 - torch.pow(beta, n)))
 
 
 def weights_for(cfg: ReweightConfig, counts: Sequence[int]) -> torch.Tensor | None:
-    n = torch.as_tensor(list(counts), dtype=torch.float64)
-    return normalized(REWEIGHTS.build(cfg, n))
+    """The weights per bin of a re-weighting (each option scales its own weights), float32; None: unweighted."""
+    w = REWEIGHTS.build(cfg, torch.as_tensor(list(counts), dtype=torch.float64))
+    return None if w is None else w.float()
 
 
 def class_weights(name: str, class_counts: Sequence[int], beta: float = 0.9999) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from ltbench.hooks import CheckpointHook, EpochLogHook, ProgressHook
 from ltbench.identity import stage_key
 from ltbench.losses import build_loss
 from ltbench.losses.classification import CrossEntropy
-from ltbench.methods import PRETRAIN, SEMI, Method
+from ltbench.methods import METHODS, PRETRAIN, SEMI, Method
 from ltbench.methods.supervised import Supervised
 from ltbench.optim import build_optimizer, model_groups
 from ltbench.reweight import Reweighting
@@ -233,7 +233,9 @@ class TrainStage(Stage):
     the unlabeled data of a semi-supervised method)."""
 
     name, title, record_key, stream = "train", "stage 1", "stage1", ""
-    sections = ("task", "dataset", "model", "loss", "sampler", "reweight", "synth", "augment", "schedule", "semi")
+    sections = (
+        "task", "dataset", "model", "loss", "sampler", "reweight", "synth", "augment", "schedule", "method", "semi",
+    )  # fmt: skip
 
     def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
         return cfg.schedule
@@ -246,6 +248,8 @@ class TrainStage(Stage):
         reweight = Reweighting(cfg.reweight, ctx.stats.counts, epochs)
         synth = Synthesizer(cfg.synth, data.train_x, data.train_y, ctx.stats.counts, epochs)
         method: Method = Supervised(loss, ctx.task, reweight, synth)
+        if cfg.method is not None:
+            method = METHODS.build(cfg.method, method, model, ctx)
         if cfg.semi is not None:
             method = SEMI.build(cfg.semi, method, model, ctx)
         spec = StageSpec(model, method.to(ctx.device), cfg.schedule, cfg.sampler, cfg.augment, synth, no_decay)

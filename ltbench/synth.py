@@ -31,6 +31,17 @@ class MixupConfig(SynthConfig):
     name: str = "mixup"
     alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
 
+    def check(self, root) -> None:
+        if root.dataset.inputs == "text":
+            raise ConfigError(f"synth={self.name} mixes inputs; dataset={root.dataset.name} gives token ids")
+        if self.name != "mixup":
+            _classification_only(root, self.name)
+
+
+def _classification_only(root, name: str) -> None:
+    if root.task.name != "classification":
+        raise ConfigError(f"synth={name} works on classes (task=classification); for regression use synth=mixup")
+
 
 @dataclass
 class RemixConfig(MixupConfig):
@@ -44,11 +55,17 @@ class SmoteConfig(SynthConfig):
     name: str = "smote"
     k: int = 5  # nearest same-class neighbours (Chawla et al. 2002)
 
+    def check(self, root) -> None:
+        _classification_only(root, self.name)
+
 
 @dataclass
 class NoiseConfig(SynthConfig):
     name: str = "noise"
     sigma: float = 0.1  # std of the Gaussian noise, on the [0, 1] pixel scale
+
+    def check(self, root) -> None:
+        _classification_only(root, self.name)
 
 
 @dataclass

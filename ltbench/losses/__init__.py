@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ltbench.config import LossConfig
+from ltbench.optim import ParamGroup
 from ltbench.registry import Registry
 from ltbench.tasks import LabelStats, as_stats
 
@@ -72,6 +73,11 @@ class LTLoss(nn.Module):
 
     def reduce(self, per_sample: torch.Tensor, w: torch.Tensor | None, reduction: str) -> torch.Tensor:
         return reduce_loss(per_sample, w, reduction)
+
+    def param_groups(self) -> list[ParamGroup]:
+        """The loss's own trainable parameters, as optimiser groups (default: one group, if any)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [ParamGroup("loss", params)] if params else []
 
     def prepare(self, model: nn.Module) -> list[str]:
         """Set up the model for this loss before training (e.g. a prior-matching bias); returns parameter-name

@@ -19,7 +19,19 @@ def _check_smoothing(value: float) -> None:
 
 
 @dataclass
-class CEConfig(LossConfig):
+class ClassificationLossConfig(LossConfig):
+    """Base of the classification losses' schemas: they need class logits."""
+
+    def check(self, root) -> None:
+        if root.task.name != "classification":
+            raise ConfigError(
+                f"loss={self.name} is a classification loss; with task={root.task.name} use mse, l1, huber, "
+                "focal_r or bmse"
+            )
+
+
+@dataclass
+class CEConfig(ClassificationLossConfig):
     name: str = "ce"
     label_smoothing: float = 0.0
 
@@ -50,7 +62,7 @@ class CrossEntropy(LTLoss):
 
 
 @dataclass
-class LogitAdjustConfig(LossConfig):
+class LogitAdjustConfig(ClassificationLossConfig):
     name: str = "logit_adjust"
     tau: float = 1.0  # Menon et al. 2021: tau=1
     label_smoothing: float = 0.0
@@ -81,7 +93,7 @@ class LogitAdjusted(CrossEntropy):
 
 
 @dataclass
-class BalancedSoftmaxConfig(LossConfig):
+class BalancedSoftmaxConfig(ClassificationLossConfig):
     name: str = "balanced_softmax"
     label_smoothing: float = 0.0
 
@@ -99,7 +111,7 @@ class BalancedSoftmax(LogitAdjusted):
 
 
 @dataclass
-class LDAMConfig(LossConfig):
+class LDAMConfig(ClassificationLossConfig):
     name: str = "ldam"
     max_m: float = 0.5  # largest margin (Cao et al. 2019)
     s: float = 30.0  # logit scale (Cao et al. 2019)
@@ -109,6 +121,7 @@ class LDAMConfig(LossConfig):
         _check_smoothing(self.label_smoothing)
 
     def check(self, root) -> None:
+        super().check(root)
         if root.model.head != "cosine":
             raise ConfigError("loss=ldam needs the cosine-normalised head (model.head=cosine)")
 
@@ -137,7 +150,7 @@ class LDAM(CrossEntropy):
 
 
 @dataclass
-class FocalConfig(LossConfig):
+class FocalConfig(ClassificationLossConfig):
     name: str = "focal"
     gamma: float = 1.0  # the CIFAR-LT focal baseline of Cao et al. 2019; 0 is cross-entropy
 
@@ -176,7 +189,7 @@ class Focal(LTLoss):
 
 
 @dataclass
-class SigmoidFocalConfig(LossConfig):
+class SigmoidFocalConfig(ClassificationLossConfig):
     name: str = "sigmoid_focal"
     gamma: float = 1.0
     alpha: float | None = None  # weight of the positive term (negatives get 1 - alpha)

@@ -6,7 +6,8 @@ switch things on at an epoch (deferred re-weighting) or update running statistic
 optimiser of its stage is built over the model's trainable parameters and the groups :meth:`Method.param_groups`
 adds.
 
-Registries: :data:`PRETRAIN` (the pre-training stage: ``pretrain=rotation``) and :data:`SEMI` (semi-supervised
+Registries: :data:`PRETRAIN` (the pre-training stage: ``pretrain=rotation``), :data:`METHODS` (methods that change
+how the training stage trains, built on its supervised method: ``method=fds``) and :data:`SEMI` (semi-supervised
 methods joining the training stage: ``semi=fixmatch``); the supervised training method is
 :class:`~ltbench.methods.supervised.Supervised`.
 """
@@ -18,13 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltbench.config import PretrainConfig, SemiConfig
+from ltbench.config import MethodConfig, PretrainConfig, SemiConfig
 from ltbench.core import Batch, Epoch, Hook
 from ltbench.optim import ParamGroup
 from ltbench.registry import Registry
 
 PRETRAIN: Registry[Any] = Registry("pretrain", PretrainConfig)
+METHODS: Registry[Any] = Registry("method", MethodConfig)
 SEMI: Registry[Any] = Registry("semi", SemiConfig)
+
+__all__ = ["METHODS", "PRETRAIN", "SEMI", "Method", "MethodConfig"]
 
 
 class Method(nn.Module, Hook):

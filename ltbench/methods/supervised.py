@@ -44,6 +44,9 @@ class Supervised(Method):
             loss = self.loss_fn(out, y, self.weight)
         return loss, self.task.step_sums(out, y)
 
+    def param_groups(self):
+        return self.loss_fn.param_groups()
+
     def row_extras(self, ep: Epoch) -> dict[str, Any]:
         if self.reweight is None and self.synth is None:
             return {}

@@ -33,6 +33,7 @@ class LabelStats:
     centers: list[float] | None = None
     center: float = 0.0
     scale: float = 1.0
+    targets: torch.Tensor | None = None  # regression: the training targets (what a density model is fitted to)
 
     @property
     def num_bins(self) -> int:

@@ -67,7 +67,7 @@ class Regression(Task):
         center = float(y.mean()) if self.cfg.center is None else float(self.cfg.center)
         scale = float(y.std()) if self.cfg.scale is None else float(self.cfg.scale)
         centers = ((edges[:-1] + edges[1:]) / 2).tolist()
-        self.stats = LabelStats(counts_of(bin_of(y), data.num_bins), bin_of, centers, center, scale)
+        self.stats = LabelStats(counts_of(bin_of(y), data.num_bins), bin_of, centers, center, scale, data.train_y)
         return self.stats
 
     def out_dim(self, data: Any) -> int:

@@ -24,13 +24,14 @@ def _tag(ds: str, ratio: float) -> str:
     return f"{ds}_ir{'natural' if math.isnan(ratio) else f'{ratio:g}'}"
 
 
-def per_class_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
-    """Per-class accuracy against the class's training count, mean over seeds, one line per method."""
+def per_class_plot(g: pd.DataFrame, path: Path, title: str, key: str = "per_class_acc") -> bool:
+    """Per-class accuracy (or, for regression, the MAE of each label bin) against the class's training count, mean
+    over seeds, one line per method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for label, gl in g.groupby("label", sort=False):
-        lists = [v for v in gl["per_class_acc"] if len(v)]
+        lists = [v for v in gl[key] if len(v)]
         counts = np.asarray(gl["train_class_counts"].iloc[0])
         if not lists or len(counts) != len(lists[0]):
             continue
@@ -41,8 +42,8 @@ def per_class_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
     if drawn:
         ax.set_xscale("log")
         ax.invert_xaxis()
-        ax.set_xlabel("training samples of the class (log scale)")
-        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_xlabel("training samples of the " + ("class" if key == "per_class_acc" else "label bin") + " (log)")
+        ax.set_ylabel("test accuracy of the class (%)" if key == "per_class_acc" else "test MAE of the bin")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -119,6 +120,9 @@ def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
         ratio_text = "natural" if math.isnan(ratio) else f"ratio {ratio:g}"
         p = out / f"per_class_{tag}.png"
         if task == "classification" and per_class_plot(g, p, f"Per-class accuracy, {ds} {ratio_text}"):
+            written.append(p)
+        p = out / f"per_bin_{tag}.png"
+        if task == "regression" and per_class_plot(g, p, f"MAE per label bin, {ds}", key="per_bin_mae"):
             written.append(p)
         p = out / f"confusion_{tag}.png"
         if task == "classification" and confusion_plot(g, p, f"Test confusion matrices, {ds} {ratio_text}"):

@@ -53,9 +53,9 @@ def _check_columns(d: dict) -> str | None:
 
 
 def _check_lists(d: dict) -> str | None:
-    per, counts = d.get("per_class_acc"), d.get("train_class_counts")
+    per, counts = d.get("per_class_acc", d.get("per_bin_mae")), d.get("train_class_counts")
     if per is not None and (not isinstance(per, list) or not all(v is None or _is_number(v) for v in per)):
-        return "'per_class_acc' is not a list of numbers"
+        return "'per_class_acc' / 'per_bin_mae' is not a list of numbers"
     if counts is not None and (not isinstance(counts, list) or not all(isinstance(v, int) for v in counts)):
         return "'train_class_counts' is not a list of integers"
     if per is not None and counts is not None and len(per) != len(counts):
@@ -137,6 +137,7 @@ class Record:
             # two-stage runs: the stage-1 network's own test accuracy, shown next to stage 2
             "stage1_top1": _num(((d.get("stage1") or {}).get("test") or {}).get("top1")),
             "per_class_acc": [_num(v) for v in d.get("per_class_acc") or []],
+            "per_bin_mae": [_num(v) for v in d.get("per_bin_mae") or []],
             "train_class_counts": d.get("train_class_counts") or [],
             "run_dir": self.run_dir,
             "finished_at": d.get("finished_at") or "",

@@ -33,14 +33,15 @@ def stats_of(targets, start=0.0, width=1.0, num_bins=10, center=0.0, scale=1.0):
 # ------------------------------------------------------------------------------------------------ bins
 
 
-def test_bins_follow_np_histogram():
-    edges = bin_edges(0.0, 0.1, 50)
-    y = torch.tensor([0.0, 0.3, 0.35, 4.99, 5.0, 7.0, -1.0], dtype=torch.float64)
-    ref = [min(int(np.searchsorted(edges.numpy(), v, side="right")) - 1, 49) for v in y.tolist()]
-    ref = [max(r, 0) for r in ref]
-    assert binner(edges)(y).tolist() == ref
-    assert binner(edges)(torch.tensor([0.3], dtype=torch.float64)).item() == 2  # np.histogram puts 0.3 in bin 2
-    assert binner(edges)(torch.tensor([5.0], dtype=torch.float64)).item() == 49
+def test_bins_follow_np_histogram_on_float32_targets():
+    """The DIR reference bins float32 scores with np.histogram(range=(0, 5), bins=50), whose edges are then float32."""
+    y = np.array([0.0, 0.3, 0.35, 1.4, 3.6, 4.99, 5.0, 0.29], dtype=np.float32)
+    ref = np.histogram(y, bins=50, range=(0.0, 5.0))[1]
+    expected = [min(int(np.searchsorted(ref, v, side="right")) - 1, 49) for v in y]
+    got = binner(bin_edges(0.0, 0.1, 50))(torch.from_numpy(y)).tolist()
+    assert got == expected
+    assert got[1] == 3 and got[3] == 14 and got[6] == 49  # a score on an edge starts its bin; 5.0 in the last
+    assert binner(bin_edges(0.0, 1.0, 10))(torch.tensor([-3.0, 12.0])).tolist() == [0, 9]  # clamped
 
 
 # ------------------------------------------------------------------------------------------------ LDS

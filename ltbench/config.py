@@ -184,6 +184,7 @@ class DatasetConfig:
 
     task = "classification"
     inputs = "images"
+    unlabeled = False
 
     name: str = MISSING
     root: str | None = runtime(None)

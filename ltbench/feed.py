@@ -45,24 +45,34 @@ def tensor_batches(
 
 
 class DataFeed:
+    """Batches of one dataset on one device. Tensor data (``tensor``: uint8 images; ``features``: any inputs) lives
+    on the device; image files are decoded by DataLoader workers."""
+
     def __init__(self, data: LTData, cfg: DatasetConfig, device: torch.device) -> None:
         self.data, self.cfg, self.device = data, cfg, device
         if data.kind in ("tensor", "features"):
             assert data.train_x is not None
             self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
+            if data.unlabeled_x is not None and data.unlabeled_y is not None:
+                self.unlabeled_x, self.unlabeled_y = data.unlabeled_x.to(device), data.unlabeled_y.to(device)
         else:
-            from ltbench.data.images import ImageFiles, eval_transform, train_transform
+            self._files = self._file_sets(data, cfg)
 
-            tr, ev = data.transforms or (
-                train_transform(cfg.image_size, data.mean, data.std),
-                eval_transform(cfg.resize, cfg.image_size, data.mean, data.std),
-            )
-            self._train_files = ImageFiles(data.root, data.train_files, data.train_y, tr)
-            self._train_plain = ImageFiles(data.root, data.train_files, data.train_y, ev)
-            self._eval = {
-                "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
-                "val": ImageFiles(data.root, data.val_files, data.val_y, ev),
-            }
+    @staticmethod
+    def _file_sets(data: LTData, cfg: DatasetConfig) -> dict:
+        from ltbench.data.images import ImageFiles, eval_transform, raw_transform, train_transform
+
+        tr, ev = data.transforms or (
+            train_transform(cfg.image_size, data.mean, data.std),
+            eval_transform(cfg.resize, cfg.image_size, data.mean, data.std),
+        )
+        return {
+            "train": ImageFiles(data.root, data.train_files, data.train_y, tr),
+            "train_plain": ImageFiles(data.root, data.train_files, data.train_y, ev),
+            "train_raw": ImageFiles(data.root, data.train_files, data.train_y, raw_transform(cfg.resize)),
+            "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
+            "val": ImageFiles(data.root, data.val_files, data.val_y, ev),
+        }
 
     def train(
         self,
@@ -73,50 +83,51 @@ class DataFeed:
         synth: Synthesizer | None,
         synth_on: bool,
         gen: torch.Generator,
+        raw: bool = False,
     ) -> Iterator[Batch]:
-        """Training batches in the order of ``indices``; ``augment=None`` means no augmentation."""
-        if self.data.kind == "features":
-            for start in range(0, len(indices), batch_size):
-                idx = indices[start : start + batch_size]
-                idx_dev = idx.to(self.device, non_blocking=True)
-                yield Batch(self.train_x[idx_dev], self.train_y[idx_dev], idx)
-            return
-        if self.data.kind != "tensor":
-            ds = self._train_files if augment is not None else self._train_plain
+        """Training batches in the order of ``indices``; ``augment=None``: no augmentation; ``raw``: the uint8 images
+        as stored (image files: resized and centre-cropped to ``dataset.resize``), for methods that make their views."""
+        kind = self.data.kind
+        if kind == "files":
             from ltbench.data.images import loader_batches
 
+            ds = self._files["train_raw" if raw else ("train" if augment is not None else "train_plain")]
             for start, (x, y) in zip(
                 range(0, len(indices), batch_size),
                 loader_batches(ds, indices, batch_size, self.cfg.num_workers, self.device, gen),
             ):
                 yield Batch(x, y, indices[start : start + batch_size])
-            return
-        yield from tensor_batches(
-            self.train_x,
-            self.train_y,
-            indices,
-            batch_size=batch_size,
-            mean=self.data.mean,
-            std=self.data.std,
-            augment=augment,
-            synth=synth,
-            synth_on=synth_on,
-            gen=gen,
-        )
+        elif kind == "features" or raw:
+            yield from self._gathered(self.train_x, self.train_y, indices, batch_size)
+        else:
+            yield from tensor_batches(
+                self.train_x, self.train_y, indices, batch_size=batch_size, mean=self.data.mean, std=self.data.std,
+                augment=augment, synth=synth, synth_on=synth_on, gen=gen,
+            )  # fmt: skip
+
+    def _gathered(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            idx_dev = idx.to(self.device, non_blocking=True)
+            yield Batch(x[idx_dev], y[idx_dev], idx)
+
+    def unlabeled(self, indices: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        """Unlabeled batches (uint8 images, the true labels for measuring pseudo-labels, the indices)."""
+        return self._gathered(self.unlabeled_x, self.unlabeled_y, indices, batch_size)
 
     def evaluate(self, split: str, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[Batch]:
-        """Batches of a split ("test", "val", "train": no augmentation), in order (or in ``indices`` order)."""
+        """Batches of a split ("test", "val", "train", "unlabeled": no augmentation), in order (or ``indices``)."""
         data = self.data
         if data.kind == "files":
             from ltbench.data.images import loader_batches
 
-            ds = self._train_plain if split == "train" else self._eval[split]
+            ds = self._files["train_plain" if split == "train" else split]
             order = torch.arange(len(ds)) if indices is None else indices
             for x, y in loader_batches(ds, order, batch_size, self.cfg.num_workers, self.device, torch.Generator()):
                 yield Batch(x, y)
             return
-        x_all = {"train": data.train_x, "val": data.val_x, "test": data.test_x}[split]
-        y_all = {"train": data.train_y, "val": data.val_y, "test": data.test_y}[split]
+        x_all = getattr(data, f"{split}_x")
+        y_all = getattr(data, f"{split}_y")
         assert x_all is not None
         if indices is not None:
             x_all, y_all = x_all[indices], y_all[indices]

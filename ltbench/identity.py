@@ -21,9 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ltbench.config import MARK, TrainConfig, to_schema
+from ltbench.config import MARK, REGISTERED_SECTIONS, TrainConfig, to_schema
 
 _STRENGTH = {"none": 0, "run": 1, "replicate": 2, "stage": 3}
+_SECTIONS = {*REGISTERED_SECTIONS, "augment", "schedule"}
 # Sections shown elsewhere in tables and directory names, or not a method setting.
 _NOT_IN_LABEL = ("strategy", "experiment", "dataset", "hydra")
 
@@ -68,7 +69,7 @@ def stage_key(cfg: TrainConfig, sections: tuple[str, ...], prev_key: str | None,
     import ltbench
 
     tree = identity_tree(cfg, {"stage", "replicate"})
-    top = {k: v for k, v in tree.items() if not isinstance(v, dict)}
+    top = {k: v for k, v in tree.items() if k not in _SECTIONS}  # seed, amp: never whether other sections exist
     parts = {
         "stage": name,
         "sections": {s: tree.get(s) for s in sections},
@@ -118,9 +119,17 @@ def method_overrides(cfg: TrainConfig, overrides: list[str] | None) -> list[str]
 
 
 def method_label(cfg: TrainConfig, overrides: list[str] | None) -> str:
-    """The strategy name plus the command-line overrides that change the method."""
-    extra = method_overrides(cfg, overrides)
-    return f"{cfg.strategy} [{', '.join(extra)}]" if extra else cfg.strategy
+    """The strategy name, the pre-training (``ce+SSP``) and the semi-supervised method with its unlabeled data
+    (``ce+FixMatch (U 3000 max, ratio 100)``), plus the other command-line overrides that change the method."""
+    name = cfg.strategy
+    if cfg.pretrain is not None:
+        name += getattr(cfg.pretrain, "label_suffix", f"+{cfg.pretrain.name}")
+    if cfg.semi is not None:
+        name += getattr(cfg.semi, "label_suffix", f"+{cfg.semi.name}")
+        unlabeled = getattr(cfg.dataset, "unlabeled_text", None)
+        name += f" ({unlabeled()})" if unlabeled is not None else ""
+    extra = [o for o in method_overrides(cfg, overrides) if _override_key(o) not in ("pretrain", "semi")]
+    return f"{name} [{', '.join(extra)}]" if extra else name
 
 
 def ratio_tag(ratio: Any) -> str:

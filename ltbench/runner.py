@@ -205,6 +205,8 @@ def _train_and_evaluate(tcfg: TrainConfig, rd: RunDir, record: dict, console: Co
     if not (rd / CONFIG_FILE).exists():
         rd.write_text(CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(tcfg)))
         rd.write_text(INDICES, "\n".join(map(str, data.train_indices.tolist())) + "\n")
+        if data.unlabeled_indices is not None:
+            rd.write_text("unlabeled_indices.txt", "\n".join(map(str, data.unlabeled_indices.tolist())) + "\n")
     rd.write_json(METRICS, record)
 
     torch.manual_seed(tcfg.seed)  # the model is initialised from the run seed alone
@@ -263,6 +265,7 @@ def _describe(record: dict, tcfg: TrainConfig, data: LTData, stats, device: torc
         data_fingerprint=data.data_fingerprint,
         data_root=data.root,
         num_train=len(data.train_y),
+        num_unlabeled=None if data.unlabeled_y is None else len(data.unlabeled_y),
         num_test=len(data.test_y),
         train_class_counts=stats.counts,
         test_class_counts=[int(c) for c in torch.bincount(stats.bin_of(data.test_y), minlength=data.num_classes)],

@@ -131,7 +131,11 @@ def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> 
     cfg, info = ctx.cfg, ctx.info
     sched = spec.schedule
     module = spec.method.wrap(spec.net)
-    groups = model_groups(module, [*sched.no_decay, *spec.no_decay]) + spec.method.param_groups()
+    groups = model_groups(module, [*sched.no_decay, *spec.no_decay])
+    in_module = {id(p) for p in module.parameters()}
+    for g in spec.method.param_groups():  # the method's own parameters, unless the module it trains holds them
+        g.params = [p for p in g.params if id(p) not in in_module]
+        groups.append(g)
     optimizer = build_optimizer(sched, groups)
     start, rows = 0, []
     if ckpt is not None:
@@ -145,15 +149,18 @@ def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> 
         raise ValueError(f"batch size {sched.batch_size} is not divisible by the {info.world_size} processes")
     rank_batch = sched.batch_size // info.world_size  # the global batch is schedule.batch_size
     rank = [info.rank] if info.enabled else []
+    raw = getattr(spec.method, "raw_inputs", False)
 
     def batches(ep: Epoch):
         stream = sampler.epoch_indices(ep.index, generator(cfg.seed, ep.index, f"{stage.stream}sampler"))
         indices = shard(stream, info.rank, info.world_size)
         ep.size = len(indices)
         synth_on = spec.synth is not None and spec.synth.active(ep.index)
-        return ctx.feed.train(
-            indices, batch_size=rank_batch, augment=spec.augment, synth=spec.synth, synth_on=synth_on, gen=ep.gen
-        )
+        labeled = ctx.feed.train(indices, batch_size=rank_batch, augment=spec.augment, synth=spec.synth,
+                                 synth_on=synth_on, gen=ep.gen, raw=raw)  # fmt: skip
+        if not getattr(spec.method, "unlabeled", False):
+            return labeled
+        return _with_unlabeled(ctx, stage, spec.method, labeled, ep, len(indices), rank_batch)
 
     trainer = Trainer(
         stage.name,
@@ -172,6 +179,21 @@ def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> 
     return trainer.rows
 
 
+def _with_unlabeled(ctx: RunContext, stage: Stage, method: Method, labeled, ep: Epoch, n: int, batch_size: int):
+    """Labeled batches, each with an unlabeled batch attached: a seeded permutation of the unlabeled set per epoch,
+    cycled to cover every step, the same global stream on every rank (each takes its interleaved shard)."""
+    info, num_u = ctx.info, len(ctx.data.unlabeled_y)  # type: ignore[arg-type]
+    m = method.unlabeled_batch(batch_size, len(ctx.data.train_y), num_u)  # type: ignore[attr-defined]
+    steps = -(-n // batch_size)
+    gen = generator(ctx.cfg.seed, ep.index, f"{stage.stream}unlabeled")
+    need = steps * m * info.world_size
+    perm = torch.cat([torch.randperm(num_u, generator=gen) for _ in range(-(-need // num_u))])[:need]
+    unl = ctx.feed.unlabeled(shard(perm, info.rank, info.world_size), m)
+    for b, u in zip(labeled, unl):
+        b.unlabeled = u
+        yield b
+
+
 def _hooks(ctx: RunContext, stage: Stage, tr: Trainer, spec: StageSpec) -> list[Hook]:
     def state(ep: Epoch) -> dict[str, Any]:
         return {
@@ -184,7 +206,7 @@ def _hooks(ctx: RunContext, stage: Stage, tr: Trainer, spec: StageSpec) -> list[
             "config_hash": ctx.record["config_hash"],
             "split_hash": ctx.data.split_hash,
             "log": tr.rows,
-            "stages": {k: ctx.record[k] for k in ("pretrain", "stage1") if k in ctx.record},
+            "stages": {k: ctx.record[k] for k in ("pretrain", "base", "stage1") if k in ctx.record},
         }
 
     return [
@@ -251,10 +273,48 @@ class TrainStage(Stage):
         if cfg.method is not None:
             method = METHODS.build(cfg.method, method, model, ctx)
         if cfg.semi is not None:
+            if getattr(SEMI.get(cfg.semi.name).builder, "base_stage", False) and ckpt is None:
+                _fresh(ctx, model)  # after the base classifier, a new network learns from the pseudo-labels
             method = SEMI.build(cfg.semi, method, model, ctx)
         spec = StageSpec(model, method.to(ctx.device), cfg.schedule, cfg.sampler, cfg.augment, synth, no_decay)
         rows = train(ctx, self, spec, ckpt)
         return StageResult(method.eval_model(model), method.summary(), rows)
+
+
+def _fresh(ctx: RunContext, model: nn.Module) -> None:
+    """Give ``model`` the weights of a freshly initialised network (the run's seeded initialisation)."""
+    from ltbench.models import build_model
+
+    torch.manual_seed(ctx.cfg.seed)
+    model.load_state_dict(build_model(ctx.cfg.model, ctx.task.out_dim(ctx.data), ctx.data).state_dict())
+
+
+class BaseStage(Stage):
+    """The base classifier of ``semi=pseudo_label`` (Yang & Xu 2020): trained on the labeled set with the run's
+    supervised settings, then it labels the unlabeled set (argmax), once."""
+
+    name, title, record_key, stream = "base", "the base classifier", "base", "base-"
+    sections = ("task", "dataset", "model", "loss", "sampler", "reweight", "synth", "augment", "schedule")
+
+    def schedule(self, cfg: TrainConfig) -> ScheduleConfig | None:
+        return cfg.schedule
+
+    def run(self, ctx: RunContext, model: nn.Module, ckpt: dict | None) -> StageResult:
+        cfg = ctx.cfg
+        loss = build_loss(cfg.loss, ctx.stats).to(ctx.device)
+        reweight = Reweighting(cfg.reweight, ctx.stats.counts, cfg.schedule.epochs)
+        method = Supervised(loss, ctx.task, reweight).to(ctx.device)
+        rows = train(ctx, self, StageSpec(model, method, cfg.schedule, cfg.sampler, cfg.augment, None,
+                                          loss.prepare(model)), ckpt)  # fmt: skip
+        pseudo = ctx.predict(model, "unlabeled").argmax(1)
+        truth = ctx.data.unlabeled_y
+        assert truth is not None
+        from ltbench.methods.semi import PseudoLabelStats
+
+        quality = PseudoLabelStats(ctx.data.num_classes)
+        quality.add(pseudo, torch.ones_like(pseudo, dtype=torch.bool), truth)
+        record = {"pseudo_labels": pseudo.tolist(), "pseudo_label_quality": quality.summary()}
+        return StageResult(model, record, rows)
 
 
 class ClassifierStage(Stage):
@@ -294,6 +354,8 @@ class ClassifierStage(Stage):
 def plan(cfg: TrainConfig) -> list[Stage]:
     """The stages of a run, in order."""
     stages: list[Stage] = [PretrainStage()] if cfg.pretrain is not None else []
+    if cfg.semi is not None and getattr(SEMI.get(cfg.semi.name).builder, "base_stage", False):
+        stages.append(BaseStage())
     stages.append(TrainStage())
     if cfg.classifier is not None:
         stages.append(ClassifierStage())

@@ -94,8 +94,8 @@ def test_every_field_obeys_its_mark(configs):
     for cfg in configs:
         base = keys(cfg)
         for path, value, declared in leaves(cfg):
-            if path.endswith(".name") or path in ("strategy",):
-                continue  # names select options (their schema changes too); covered below
+            if path.endswith(".name") or path in ("strategy",) or "Config" in declared:
+                continue  # names and absent sections select options and stages: covered by the plan tests
             mark = mark_of(cfg, path)
             new = keys(with_value(cfg, path, changed(value, declared)))
             checked[mark] += 1
@@ -124,6 +124,14 @@ def test_the_marks_that_matter(configs):
         assert mark_of(cfg, path) == "stage", path
     assert mark_of(cfg, "schedule.eval_batch_size") == "none"
     assert mark_of(configs[4], "dataset.num_workers") == "none"  # augmentation is seeded per image
+
+
+def test_an_earlier_stage_does_not_depend_on_which_later_stages_follow(configs):
+    from ltbench.config import to_schema
+
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        ce, crt = (to_schema(compose("train", overrides=["pretrain=rotation", *o])) for o in ([], ["strategy=crt"]))
+    assert stage_keys(ce, plan(ce), "s")[0] == stage_keys(crt, plan(crt), "s")[0]  # one pre-training for both
 
 
 def test_stage_keys_chain(configs):

@@ -141,6 +141,11 @@ class LTData:
     transforms: tuple | None = None
     # Facts a model needs about the inputs (e.g. {"vocab_size": 12000}); recorded in metrics.json as data_info
     info: dict = field(default_factory=dict)
+    # Semi-supervised datasets: the unlabeled images (uint8 like train_x), their true labels (never trained on: they
+    # measure the quality of pseudo-labels) and their indices in the original training set
+    unlabeled_x: torch.Tensor | None = None
+    unlabeled_y: torch.Tensor | None = None
+    unlabeled_indices: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:

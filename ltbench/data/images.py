@@ -47,6 +47,14 @@ def eval_transform(resize: int, size: int, mean, std):
     )
 
 
+def raw_transform(resize: int):
+    """uint8 images resized (short side) and centre-cropped to ``resize`` x ``resize``, not normalised: the input of
+    methods that make their own views on the device (SimSiam)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(resize), v2.ToImage()])
+
+
 class ImageFiles(Dataset):
     """(image, label) for a list of paths relative to ``root``; images decoded with PIL, converted to RGB."""
 

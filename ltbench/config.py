@@ -102,7 +102,8 @@ class ScheduleConfig:
 
     ``warmup`` and ``milestones`` are fractions of ``epochs`` (see :func:`epoch_at`): the lr warms up linearly over
     the first ``warmup`` of training (epoch e gets lr * (e+1)/W, as in the CIFAR-LT reference), then decays:
-    ``step`` multiplies it by ``gamma`` at each milestone, ``cosine`` anneals it to 0.
+    ``step`` multiplies it by ``gamma`` at each milestone, ``cosine`` anneals it to 0, ``fixmatch`` is FixMatch's
+    lr * cos(7 pi t / 16) (t the fraction of training done).
     ``optimizer``: sgd (momentum, nesterov), adam or adamw (betas, eps); ``no_decay``: parameter-name patterns
     (fnmatch, e.g. ``*.bias``) trained without weight decay.
     """
@@ -118,7 +119,7 @@ class ScheduleConfig:
     eps: float = 1e-8
     no_decay: list[str] = field(default_factory=list)
     warmup: float = 0.025  # fraction of the epochs: 5 of 200
-    decay: str = "step"  # step | cosine
+    decay: str = "step"  # step | cosine | fixmatch
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions: epochs 160 and 180 of 200
     gamma: float = 0.01  # step decay factor applied at each milestone (x0.01 at 160, x0.0001 at 180)
     eval_batch_size: int = runtime(1000)
@@ -143,8 +144,8 @@ class ScheduleConfig:
         ):
             if not ok:
                 raise ConfigError(f"schedule.{key}={getattr(self, key)} is out of range")
-        if self.decay not in ("step", "cosine"):
-            raise ConfigError(f"schedule.decay must be 'step' or 'cosine', got {self.decay!r}")
+        if self.decay not in ("step", "cosine", "fixmatch"):
+            raise ConfigError(f"schedule.decay must be step, cosine or fixmatch, got {self.decay!r}")
         if sorted(self.milestones) != list(self.milestones) or not all(0 < m <= 1 for m in self.milestones):
             raise ConfigError("schedule.milestones must be increasing fractions of the epochs in (0, 1]")
         if not 0 <= self.warmup < 1:

@@ -68,6 +68,8 @@ def lr_at(epoch: int, sched: ScheduleConfig) -> float:
     if sched.decay == "cosine":
         span = max(sched.epochs - warmup, 1)
         return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+    if sched.decay == "fixmatch":  # Sohn et al. 2020: lr * cos(7 pi k / (16 K))
+        return base * math.cos(7 * math.pi * (epoch - warmup) / (16 * max(sched.epochs - warmup, 1)))
     return base * sched.gamma ** sum(epoch >= m for m in sched.milestone_epochs)
 
 

@@ -113,6 +113,33 @@ def confusion_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
     return True
 
 
+def pseudo_label_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
+    """Precision and recall of the pseudo-labels per class, one run per semi-supervised method (its lowest seed)."""
+    runs = []
+    for label, gl in g.groupby("label", sort=False):
+        first = gl.sort_values("seed").iloc[0]
+        if isinstance(first.get("pseudo_labels"), dict):
+            runs.append((label, first["pseudo_labels"]))
+    if not runs:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key in zip(axes, ("precision", "recall")):
+        width = 0.8 / len(runs)
+        for j, (label, q) in enumerate(runs):
+            x = np.arange(len(q[key]))
+            ax.bar(x + (j - (len(runs) - 1) / 2) * width, np.nan_to_num(q[key]), width, label=label)
+        ax.set_title(f"pseudo-label {key} per class (%)")
+        ax.set_xlabel("class (frequent -> rare)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
     written = []
     for (task, ds, ratio), g in df.groupby(["task", "dataset", "imbalance_ratio"], sort=False, dropna=False):
@@ -126,6 +153,9 @@ def write_plots(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[Path]:
             written.append(p)
         p = out / f"confusion_{tag}.png"
         if task == "classification" and confusion_plot(g, p, f"Test confusion matrices, {ds} {ratio_text}"):
+            written.append(p)
+        p = out / f"pseudo_labels_{tag}.png"
+        if "pseudo_labels" in g and pseudo_label_plot(g, p, f"Quality of the pseudo-labels, {ds} {ratio_text}"):
             written.append(p)
         a = agg[(agg["task"] == task) & (agg["dataset"] == ds)]
         a = a[a["imbalance_ratio"].isna()] if math.isnan(ratio) else a[a["imbalance_ratio"] == ratio]

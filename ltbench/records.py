@@ -141,7 +141,16 @@ class Record:
             "train_class_counts": d.get("train_class_counts") or [],
             "run_dir": self.run_dir,
             "finished_at": d.get("finished_at") or "",
+            "pseudo_labels": _pseudo(d),
         }
+
+
+def _pseudo(d: dict) -> dict | None:
+    """The pseudo-label quality of a semi-supervised run (per-class precision / recall), if it has one."""
+    q = d.get("pseudo_labels") or ((d.get("base") or {}).get("pseudo_label_quality"))
+    if not isinstance(q, dict) or not isinstance(q.get("precision"), list) or not isinstance(q.get("recall"), list):
+        return None
+    return {k: [_num(v) for v in q[k]] for k in ("precision", "recall")}
 
 
 def _num(v: Any) -> float:

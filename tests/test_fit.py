@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -128,6 +129,9 @@ def test_lr_schedule_reference_shape():
     assert lr_at(199, s) == pytest.approx(1e-5)
     c = ScheduleConfig(epochs=10, warmup=0.0, decay="cosine", milestones=[])
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(5, c) == pytest.approx(0.05)
+    f = ScheduleConfig(epochs=16, lr=0.03, warmup=0.0, decay="fixmatch", milestones=[])  # FixMatch: cos(7 pi t / 16)
+    assert lr_at(0, f) == pytest.approx(0.03) and lr_at(8, f) == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
+    assert lr_at(15, f) == pytest.approx(0.03 * math.cos(7 * math.pi * 15 / 256))
 
 
 @pytest.fixture(scope="module")

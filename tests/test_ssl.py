@@ -4,6 +4,7 @@ FixMatch's mask and loss, the EMA, ABC's masks, pseudo-label quality, and every 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from test_e2e import ltbench
 from torch import nn
 
 import ltbench.fit as fit_mod
+from ltbench.config import to_schema
 from ltbench.core import Batch
 from ltbench.data.lt import lt_counts
 from ltbench.data.ssl import CifarSSLConfig, ssl_split
@@ -199,7 +201,6 @@ def test_resume_inside_the_pretraining_stage_equals_an_uninterrupted_run(
 
 
 def test_semi_needs_unlabeled_data_and_refuses_what_it_cannot_combine(compose_cfg):
-    from ltbench.config import to_schema
     from ltbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unlabeled"):
@@ -222,3 +223,15 @@ def test_a_sweep_with_pretraining_pretrains_once(cifar10_root, tmp_path):
     assert sum(not x["pretrain"]["reused"] for x in recs) == 1  # one pre-training for the three
     r = ltbench("report", str(tmp_path), "--no-plots", cwd=tmp_path)
     assert r.returncode == 0 and "ce+SSP" in (tmp_path / "report.md").read_text()
+
+
+def test_the_ssl_experiment_is_the_usb_recipe_on_wrn28_2(compose_cfg, ssl_root, tmp_path):
+    full = ["progress=false", "device=cpu", "experiment=ssl_cifar10", "semi=fixmatch"]
+    s = to_schema(compose("train", overrides=full))
+    assert s.model.name == "wrn" and s.dataset.name == "cifar10lt_ssl" and s.schedule.decay == "fixmatch"
+    assert (s.schedule.lr, s.schedule.batch_size, s.schedule.nesterov) == (0.03, 64, True)
+    # 262,144 USB iterations of 64 labeled images over the 3,720 labeled images of N_1 = 1500, gamma 100
+    assert s.schedule.epochs * math.ceil(3720 / 64) == pytest.approx(262_144, abs=59)  # the last batch is kept
+    short = ["schedule.epochs=1", "schedule.batch_size=16", "semi.mu=1", f"results_dir={tmp_path}"]
+    m = run(compose("train", overrides=[*full, *short, *ssl_data(ssl_root)]), tmp_path / "r")
+    assert m["status"] == "completed" and "+FixMatch" in m["label"]

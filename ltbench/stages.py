@@ -342,7 +342,9 @@ class ClassifierStage(Stage):
         torch.manual_seed(derive_seed(cfg.seed, "stage2-init"))
         head = m.head(model, cfg.model.head, ctx.data.num_classes)
         net = FrozenBackbone(model, head).to(ctx.device)
-        method = Supervised(CrossEntropy(ctx.stats).to(ctx.device), ctx.task)
+        # a classifier method may train with its own loss / hooks (default: plain cross-entropy)
+        method = m.method(ctx, net) if hasattr(m, "method") else Supervised(CrossEntropy(ctx.stats), ctx.task)
+        method = method.to(ctx.device)
         augment = cfg.augment if cfg.classifier.augment else None
         spec = StageSpec(net, method, cfg.classifier.schedule, sampler_config(cfg.classifier.sampler), augment)
         rows = train(ctx, self, spec, ckpt)

@@ -12,7 +12,7 @@ TORCH ?=
 TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast report lint format clean
+.PHONY: help install demo test test-fast report reproduce lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +38,11 @@ test-fast: install ## the test suite without the CLI subprocess tier
 
 report: install ## comparison tables and plots of every run under results/ (RESULTS=dir for another)
 	$(LTB) report $(RESULTS)
+
+TABLE ?= cifar10lt_ldam
+REPRODUCE_ARGS ?=
+reproduce: install ## re-run a published table (TABLE=cifar10lt_ldam; REPRODUCE_ARGS="--resume --jobs 4 dataset.root=...")
+	$(LTB) reproduce $(TABLE) $(REPRODUCE_ARGS)
 
 lint: install ## ruff check
 	$(VENV)/bin/ruff check ltbench tests scripts

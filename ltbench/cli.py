@@ -20,11 +20,13 @@ commands:
   train [overrides]   train and evaluate one config (Hydra app: --multirun, --help, --cfg job, -sc install=bash)
   report [DIR]        comparison tables and plots of every run under DIR (default: results)
   strategies          list the strategy presets with their one-line description and reference
+  reproduce TABLE     re-run a published table with its recipe and compare (--list: the tables; --help)
 
 examples:
   ltbench train dataset=cifar10lt strategy=focal
   ltbench train --multirun strategy=ce,focal,ldam_drw seed=0,1,2
   ltbench report results
+  ltbench reproduce cifar10lt_ldam --jobs 4
 """
 
 err_console = Console(stderr=True)
@@ -132,6 +134,55 @@ def _strategies(argv: list[str]) -> None:
     Console().print(t)
 
 
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+
+    return parse
+
+
+def _reproduce(argv: list[str]) -> None:
+    from ltbench.errors import LtbenchError
+    from ltbench.reproduce import Request, list_tables, load_table, reproduce
+
+    p = argparse.ArgumentParser(
+        prog="ltbench reproduce",
+        description="Re-run a published table with its recipe (every row, ratio and seed as an ltbench run) and "
+        "write reproduce.md/.csv: ltbench's mean ± std beside the published number, the difference and the source.",
+        epilog="Overrides after the options (or after --) apply to every run, e.g. dataset.root=/data device=cuda. "
+        "Example: ltbench reproduce cifar10lt_ldam --jobs 4 dataset.root=/data",
+    )
+    p.add_argument("table", nargs="?", help="the published table (see --list)")
+    p.add_argument("overrides", nargs="*", help="ltbench train overrides for every run")
+    p.add_argument("--list", action="store_true", help="list the tables and their rows")
+    p.add_argument("--out", type=Path, help="output directory (default: results/reproduce/TABLE)")
+    p.add_argument("--resume", action="store_true", help="continue a reproduction: finished runs are not retrained")
+    p.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default: the table's, 0,1,2)")
+    p.add_argument("--ratios", type=_csv(float), help="comma-separated imbalance ratios (default: all published)")
+    p.add_argument("--rows", type=_csv(str), help="comma-separated strategies of the table (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (one GPU can hold several)")
+    p.add_argument("--dry-run", action="store_true", help="show the runs and what is already done; run nothing")
+    p.add_argument("--report-only", action="store_true", help="only write the comparison of the runs so far")
+    args = p.parse_intermixed_args(argv)
+    try:
+        if args.list or not args.table:
+            for name in list_tables():
+                t = load_table(name)
+                print(f"{name}: {t.title}\n  rows: {', '.join(r.strategy for r in t.rows)}")
+            return
+        req = Request(args.table, args.out, args.resume, args.seeds, args.ratios, args.rows, args.jobs,
+                      args.dry_run, args.report_only, list(args.overrides))  # fmt: skip
+        code = reproduce(req, err_console)
+    except LtbenchError as e:
+        _error(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
 def _load_components() -> None:
     """Built-in components and $LTBENCH_PLUGINS, before any config is composed (commands that compose only)."""
     try:
@@ -175,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         _report(rest)
     elif cmd == "strategies":
         _strategies(rest)
+    elif cmd == "reproduce":
+        _load_components()
+        _reproduce(rest)
     else:
         _error(f"unknown command {cmd!r}; see `ltbench --help`")
 

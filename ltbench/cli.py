@@ -127,10 +127,11 @@ def _strategies(argv: list[str]) -> None:
     argparse.ArgumentParser(prog="ltbench strategies", description="List the strategy presets.").parse_args(argv)
     t = Table(title="strategies (ltbench train strategy=<name>)")
     t.add_column("name", style="bold")
+    t.add_column("task")
     t.add_column("what it does")
     t.add_column("reference", style="dim")
     for s in list_strategies():
-        t.add_row(s.name, s.summary, s.reference)
+        t.add_row(s.name, ", ".join(s.tasks), s.summary, s.reference)
     Console().print(t)
 
 

@@ -11,9 +11,12 @@ from omegaconf import OmegaConf
 
 @dataclass
 class Preset:
+    """A strategy preset; ``tasks`` from its ``# task:`` header line (default: classification)."""
+
     name: str
     summary: str
     reference: str
+    tasks: tuple[str, ...] = ("classification",)
 
 
 def list_strategies() -> list[Preset]:
@@ -22,12 +25,13 @@ def list_strategies() -> list[Preset]:
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".yaml"):
             continue
-        fields = {"summary": "", "reference": ""}
+        fields = {"summary": "", "reference": "", "task": "classification"}
         for line in entry.read_text().splitlines():
             for key in fields:
                 if line.startswith(f"# {key}:"):
                     fields[key] = line.split(":", 1)[1].strip()
-        out.append(Preset(entry.name[: -len(".yaml")], fields["summary"], fields["reference"]))
+        tasks = tuple(t.strip() for t in fields["task"].split(","))
+        out.append(Preset(entry.name[: -len(".yaml")], fields["summary"], fields["reference"], tasks))
     return out
 
 

@@ -1,6 +1,7 @@
-"""Print the README's strategy table (markdown) from the presets in conf/strategy.
+"""Print the README's strategy tables (markdown, one per task) from the presets in conf/strategy.
 
-python scripts/strategies_table.py
+python scripts/strategies_table.py                 # both tables
+python scripts/strategies_table.py regression      # one
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ def preset_diff(name: str) -> str:
     return ", ".join(f"`{g}={v}`" for g, v in overrides) or "(the defaults)"
 
 
-def table() -> str:
+TASKS = ("classification", "regression")
+
+
+def table(task: str = "classification") -> str:
     rows = ["| strategy | what it does | groups it sets | reference |", "|---|---|---|---|"]
     for p in list_strategies():
-        rows.append(f"| `{p.name}` | {p.summary} | {preset_diff(p.name)} | {p.reference} |")
+        if task in p.tasks:
+            rows.append(f"| `{p.name}` | {p.summary} | {preset_diff(p.name)} | {p.reference} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print(table())
+    import sys
+
+    for t in sys.argv[1:] or TASKS:
+        print(f"{t}:\n\n{table(t)}\n")

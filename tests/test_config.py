@@ -60,10 +60,13 @@ def test_defaults_are_the_reference_recipe(cfg_of):
     assert c.model.name == "resnet32" and c.model.depth == 32 and c.model.head == "linear"
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_every_strategy_composes_and_names_itself(cfg_of, name):
-    c = to_schema(cfg_of(f"strategy={name}"))
-    assert c.strategy == name
+@pytest.mark.parametrize("preset", list_strategies(), ids=lambda p: p.name)
+def test_every_strategy_composes_for_its_tasks_and_names_itself(cfg_of, preset):
+    assert preset.tasks and set(preset.tasks) <= {"classification", "regression"}
+    for task in preset.tasks:
+        data = [] if task == "classification" else ["experiment=synthetic_dir"]
+        c = to_schema(cfg_of(*data, f"strategy={preset.name}"))
+        assert c.strategy == preset.name and c.task.name == task
 
 
 def test_preset_is_a_diff(cfg_of):

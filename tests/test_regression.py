@@ -18,6 +18,7 @@ from test_e2e import ltbench
 from ltbench.config import GroupsConfig
 from ltbench.losses.regression import L1, MSE, BalancedMSE, fit_gmm
 from ltbench.methods.dir import FDS, DensityConfig, FDSConfig, _fill_empty, density_weights, fds_window, lds_window
+from ltbench.presets import list_strategies
 from ltbench.tasks import LabelStats
 from ltbench.tasks.regression import bin_edges, binner, regression_summary
 
@@ -292,7 +293,7 @@ def test_shot_groups_over_bins_count_empty_bins_as_few_and_record_sizes():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-STRATEGIES = ["vanilla", "sqinv", "lds", "fds", "lds_fds", "bmse_gai", "bmse_bmc", "bmse_bni", "focal_r", "mixup"]
+STRATEGIES = [p.name for p in list_strategies() if "regression" in p.tasks]  # every preset that applies to it
 
 
 @pytest.mark.slow

@@ -15,10 +15,18 @@ from ltbench.synth import Synthesizer
 from ltbench.tasks import Task
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (hooks go on it; the forward still runs through DDP)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 class Supervised(Method):
     """``loss(model(x), y, weight)``: the weight from the re-weighting of the current epoch (deferred methods switch
-    it on late), and mixed batches (mixup, remix) while synthesis is on. Replacement synthesis (SMOTE, noise) acts
-    on the inputs before augmentation, in the data feed."""
+    it on late), and, while synthesis is on, mixed batches (mixup, remix) or feature-space synthesis (manifold
+    mixup, feature SMOTE: a hook on the model for one forward, :meth:`Synthesizer.feature_edit`). Replacement
+    synthesis (SMOTE, noise) acts on the inputs before augmentation, in the data feed."""
 
     def __init__(
         self, loss_fn: LTLoss, task: Task, reweight: Reweighting | None = None, synth: Synthesizer | None = None
@@ -27,6 +35,8 @@ class Supervised(Method):
         self.loss_fn, self.task, self.reweight, self.synth = loss_fn, task, reweight, synth
         self.weight: torch.Tensor | None = None
         self.synth_on = False
+        if synth is not None and synth.bank is not None:
+            self.bank = synth.bank  # feature SMOTE's bank is method state: checkpointed, restored on resume
 
     def on_epoch_start(self, ep: Epoch) -> None:
         w = self.reweight.at(ep.index) if self.reweight is not None else None
@@ -35,6 +45,8 @@ class Supervised(Method):
 
     def step(self, model: nn.Module, batch: Batch, ep: Epoch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch.x, batch.y
+        if self.synth_on and self.synth.in_features:  # type: ignore[union-attr]
+            return self._feature_step(model, batch, ep)
         mixed = self.synth.mix(x, y, ep.gen) if (self.synth_on and self.synth.mixes) else None  # type: ignore[union-attr]
         with autocast(x.device, ep.amp):
             out = model(mixed.x if mixed else x)
@@ -42,7 +54,20 @@ class Supervised(Method):
             loss = mixed_loss(self.loss_fn, out, mixed.y_a, mixed.y_b, mixed.lam, self.weight)
         else:
             loss = self.loss_fn(out, y, self.weight)
-        return loss, self.task.step_sums(out, y)
+        sums = self.task.step_sums(out, y)
+        if self.synth is not None and self.synth.bank is not None:  # the column stays when synthesis stops
+            sums["mean_synthetic"] = torch.zeros((), dtype=torch.float64, device=out.device)
+        return loss, sums
+
+    def _feature_step(self, model: nn.Module, batch: Batch, ep: Epoch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One forward with the synthesis hooked into the model; accuracy is counted on the real samples (their
+        first label for mixed ones, as for input mixup); ``mean_synthetic``: synthetic features per real sample."""
+        x, y = batch.x, batch.y
+        edit = self.synth.feature_edit(y, batch.index, ep.gen)  # type: ignore[union-attr]
+        with edit.installed(unwrapped(model)), autocast(x.device, ep.amp):
+            out = model(edit.inputs(x))
+        loss = edit.loss(self.loss_fn, out, y, self.weight)
+        return loss, {**self.task.step_sums(out[: len(y)], y), **edit.sums(out, len(y))}
 
     def param_groups(self):
         return self.loss_fn.param_groups()

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_module
 from test_e2e import ltbench
 
-from ltbench.config import GroupsConfig
+from ltbench.config import GroupsConfig, to_schema
+from ltbench.errors import ConfigError
 from ltbench.losses.regression import L1, MSE, BalancedMSE, fit_gmm
 from ltbench.methods.dir import FDS, DensityConfig, FDSConfig, _fill_empty, density_weights, fds_window, lds_window
 from ltbench.presets import list_strategies
@@ -309,3 +311,11 @@ def test_every_regression_method_trains_from_the_cli_and_the_report_compares_the
     md = (tmp_path / "report.md").read_text()
     assert "synthetic_dir" in md and "Lower is better: MAE" in md and "bins (many/medium/few)" in md
     assert next(tmp_path.glob("per_bin_synthetic_dir_*.png")).stat().st_size > 1000
+
+
+def test_fds_refuses_a_synth_it_would_silently_skip():
+    with (
+        initialize_config_module("ltbench.conf", version_base="1.3"),
+        pytest.raises(ConfigError, match="does not combine with synth=mixup"),
+    ):
+        to_schema(compose("train", overrides=["experiment=synthetic_dir", "strategy=fds", "synth=mixup"]))

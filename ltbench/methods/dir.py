@@ -146,6 +146,8 @@ class FDSConfig(MethodConfig):
     def check(self, root: Any) -> None:
         if root.task.name != "regression":
             raise ConfigError("method=fds smooths features over regression label bins (task=regression)")
+        if root.synth.name != "none":  # its step calibrates the features of the batch as it is: no mixed batches
+            raise ConfigError(f"method=fds does not combine with synth={root.synth.name}")
 
 
 class FDS(nn.Module):

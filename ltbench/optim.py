@@ -31,11 +31,16 @@ class ParamGroup:
 
 
 def model_groups(model: nn.Module, no_decay: list[str], prefix: str = "") -> list[ParamGroup]:
-    """The model's trainable parameters in registration order; names matching ``no_decay`` get no weight decay."""
+    """The model's trainable parameters in registration order; names matching ``no_decay`` get no weight decay.
+
+    A pattern matches a name or the name's tail after a dot (``head.bias`` matches ``model.head.bias``), so the
+    patterns of a loss or a schedule still find their parameters when a method wraps the model in its own module.
+    """
     decay, plain = ParamGroup(f"{prefix}params"), ParamGroup(f"{prefix}no_decay", weight_decay=0.0)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (plain if any(fnmatch(name, pat) for pat in no_decay) else decay).params.append(p)
+            hit = any(fnmatch(name, pat) or fnmatch(name, f"*.{pat}") for pat in no_decay)
+            (plain if hit else decay).params.append(p)
     return [g for g in (decay, plain) if g.params]
 
 

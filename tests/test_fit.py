@@ -94,6 +94,11 @@ def test_parameter_groups_no_decay_and_method_parameters():
     assert by_name["method"]["lr"] == pytest.approx(0.01)
     fit_mod.set_lr(opt, 0.5)
     assert by_name["params"]["lr"] == 0.5 and by_name["method"]["lr"] == pytest.approx(0.05)
+    # a method that wraps the model renames its parameters (model.2.bias): a loss's pattern still finds them
+    wrapped = nn.ModuleDict({"model": model, "projector": nn.Linear(2, 2)})
+    names = {n for g in model_groups(wrapped, ["2.bias"]) if g.name == "no_decay" for n, p in wrapped.named_parameters()
+             if any(p is q for q in g.params)}  # fmt: skip
+    assert names == {"model.2.bias"}
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])

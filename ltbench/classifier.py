@@ -7,6 +7,9 @@
 - ``ncm``: nearest class mean: cosine similarity to the mean of the L2-normalised training features of each class;
 - ``posthoc_la``: logits - tau * log(prior) (Menon et al. 2021).
 
+The stage-2 methods that bring their own loss and training rules (``mislas``, ``wb``, ``oltr``) live in
+:mod:`ltbench.decoupled`.
+
 ``crt`` and ``lws`` train (through the one training loop, with the settings under ``classifier.schedule``); the
 others are computed from features. tau is chosen on the validation split (balanced accuracy: the mean per-class
 accuracy over the classes it holds), never on the test set; the whole curve, validation and test, is recorded.
@@ -92,13 +95,17 @@ def _check_classification(root: Any, name: str) -> None:
 
 
 class ScaledHead(nn.Module):
-    """LWS: a frozen classifier whose logits are multiplied by one learnable scale per class (initially 1)."""
+    """LWS: a classifier whose logits are multiplied by one learnable scale per class (initially 1).
 
-    def __init__(self, head: nn.Module, num_classes: int) -> None:
+    ``frozen`` (LWS, Kang et al. 2020): only the scales learn. MiSLAS (Zhong et al. 2021) fine-tunes the classifier
+    together with its scales (``frozen=False``).
+    """
+
+    def __init__(self, head: nn.Module, num_classes: int, frozen: bool = True) -> None:
         super().__init__()
         self.head = head
         for p in self.head.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(not frozen)
         self.scales = nn.Parameter(torch.ones(num_classes))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
@@ -128,28 +135,53 @@ class NCMHead(nn.Module):
         return ncm_logits(f, self.means.to(f.dtype))
 
 
-class FrozenBackbone(nn.Module):
-    """A stage-1 model whose feature extractor stays frozen and in eval mode; only ``head`` trains."""
+BACKBONE_MODES = ("frozen", "shift_bn", "finetune")
 
-    def __init__(self, model: nn.Module, head: nn.Module) -> None:
+
+class FrozenBackbone(nn.Module):
+    """A stage-1 model (the backbone) under a new ``head``; ``mode`` says what happens to the backbone meanwhile.
+
+    - ``frozen`` (crt, lws, ...): no gradient and eval mode, so every backbone tensor, BatchNorm running statistics
+      included, stays that of stage 1;
+    - ``shift_bn`` (MiSLAS "shift learning on BatchNorm", Zhong et al. 2021; the code of weight balancing): still no
+      gradient (no parameter changes, BN affine included), but the backbone runs in train mode: BatchNorm normalises
+      with batch statistics and re-estimates its running mean/variance on the stage's stream (class-balanced for
+      MiSLAS), as the references' ``model.train()`` under ``torch.no_grad()`` does;
+    - ``finetune`` (OLTR, Liu et al. 2019): the backbone trains too (train mode, gradients); its learning rate is the
+      classifier method's business (:class:`ltbench.decoupled.LrFactor`).
+
+    Evaluation (``eval()``) always uses the running statistics.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module, mode: str = "frozen") -> None:
         super().__init__()
-        self.backbone = model
+        if mode not in BACKBONE_MODES:
+            raise ValueError(f"backbone mode must be one of {BACKBONE_MODES}, got {mode!r}")
+        self.backbone, self.backbone_mode = model, mode
         for p in self.backbone.parameters():
+            p.requires_grad_(mode == "finetune")
+        for p in getattr(model, "head", nn.Module()).parameters():  # the stage-1 head: unused by features()
             p.requires_grad_(False)
         self.head = head
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
-        self.backbone.eval()  # BatchNorm statistics stay those of stage 1
+        if self.backbone_mode == "frozen":
+            self.backbone.eval()  # BatchNorm statistics stay those of stage 1
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the head trains on (float32): with a gradient only when the backbone is fine-tuned."""
+        if self.backbone_mode == "finetune":
+            return self.backbone.features(x).float()
         with torch.no_grad():
-            f = self.backbone.features(x)
-        return self.head(f.float())
+            return self.backbone.features(x).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_input(x))
 
 
 def tau_normalized(head: nn.Linear, tau: float) -> nn.Linear:

@@ -85,7 +85,14 @@ class Registry(Generic[T]):
 # Every module that registers components; imported once by load_components() so the registries and the schema
 # group are complete before a config is composed. A new component file inside these packages is found by itself.
 _COMPONENT_PACKAGES = ("ltbench.tasks", "ltbench.losses", "ltbench.models", "ltbench.data", "ltbench.methods")
-_COMPONENT_MODULES = ("ltbench.samplers", "ltbench.reweight", "ltbench.synth", "ltbench.classifier", "ltbench.loggers")
+_COMPONENT_MODULES = (
+    "ltbench.samplers",
+    "ltbench.reweight",
+    "ltbench.synth",
+    "ltbench.classifier",
+    "ltbench.decoupled",
+    "ltbench.loggers",
+)
 _loaded = {"done": False}
 
 

@@ -318,7 +318,13 @@ class BaseStage(Stage):
 
 
 class ClassifierStage(Stage):
-    """Stage 2 of decoupled training: a new classifier on the frozen backbone (``classifier=crt|lws|...``)."""
+    """Stage 2 of decoupled training: a new classifier on the stage-1 backbone (``classifier=crt|lws|...``).
+
+    A method that trains gives the head, the backbone's mode (``backbone_mode``: frozen by default; ``shift_bn`` or
+    ``finetune``, see :class:`~ltbench.classifier.FrozenBackbone`) and optionally its own training method
+    (``method(ctx, net)``: a loss, hooks, parameter names without weight decay in ``no_decay(net)``, and
+    ``release()`` to undo what it attached to the network when the stage ends); the default is plain cross-entropy.
+    """
 
     name, title, record_key, stream = "classifier", "stage 2", "stage2", "stage2-"
     sections = ("classifier",)
@@ -341,13 +347,19 @@ class ClassifierStage(Stage):
             return StageResult(model, record, outputs=post.outputs)
         torch.manual_seed(derive_seed(cfg.seed, "stage2-init"))
         head = m.head(model, cfg.model.head, ctx.data.num_classes)
-        net = FrozenBackbone(model, head).to(ctx.device)
+        net = FrozenBackbone(model, head, getattr(m, "backbone_mode", "frozen")).to(ctx.device)
         # a classifier method may train with its own loss / hooks (default: plain cross-entropy)
         method = m.method(ctx, net) if hasattr(m, "method") else Supervised(CrossEntropy(ctx.stats), ctx.task)
         method = method.to(ctx.device)
         augment = cfg.augment if cfg.classifier.augment else None
-        spec = StageSpec(net, method, cfg.classifier.schedule, sampler_config(cfg.classifier.sampler), augment)
-        rows = train(ctx, self, spec, ckpt)
+        no_decay = method.no_decay(net) if hasattr(method, "no_decay") else []
+        spec = StageSpec(net, method, cfg.classifier.schedule, sampler_config(cfg.classifier.sampler), augment,
+                         no_decay=no_decay)  # fmt: skip
+        try:
+            rows = train(ctx, self, spec, ckpt)
+        finally:
+            if hasattr(method, "release"):
+                method.release()
         model.head = head
         record["chosen"] = m.chosen(head)
         return StageResult(model, record, rows)

@@ -362,7 +362,11 @@ class ClassifierStage(Stage):
                 method.release()
         model.head = head
         record["chosen"] = m.chosen(head)
-        return StageResult(model, record, rows)
+        outputs = None
+        if hasattr(m, "outputs"):  # a method whose test outputs are not model(x) (ride_router: routed experts)
+            outputs, notes = m.outputs(ctx, model)
+            record.update(notes)
+        return StageResult(model, record, rows, outputs=outputs)
 
 
 def plan(cfg: TrainConfig) -> list[Stage]:

@@ -275,11 +275,13 @@ def test_router_outputs_are_the_routed_network_and_count_experts():
     model = RideResNet(depth=8, width=4, num_classes=5, num_experts=3, widths=(4, 8)).eval()
     router = RideRouter(RouterConfig())
     model.head = router.head(model, "cosine", 5)
-    x = torch.randn(7, 3, 32, 32)
-    ctx = SimpleNamespace(predict=lambda m, split, features=False: m.features(x).detach() if split == "test" else None)
+    xs = {"test": torch.randn(7, 3, 32, 32), "val": torch.randn(4, 3, 32, 32)}
+    ctx = SimpleNamespace(predict=lambda m, split, features=False: m.features(xs[split]).detach(),
+                          data=SimpleNamespace(val_y=torch.zeros(4)))  # fmt: skip
     outputs, record = router.outputs(ctx, model)
     with torch.no_grad():
-        torch.testing.assert_close(outputs["test"], model(x))
+        torch.testing.assert_close(outputs["test"], model(xs["test"]))
+        torch.testing.assert_close(outputs["val"], model(xs["val"]))
     stats = record["experts_per_image_test"]
     assert 1 <= stats["mean"] <= 3 and len(stats["fraction"]) == 3 and abs(sum(stats["fraction"]) - 1) < 1e-3
 
@@ -321,6 +323,7 @@ def test_presets_train_end_to_end(compose_cfg, cifar10_root, tmp_path, name):
         chosen = m["stage2"]["chosen"]
         assert chosen["logit_scale"] == 30.0 and chosen["top_k"] == 10  # k capped at the 10 classes
         assert 1 <= chosen["experts_per_image_val"]["mean"] <= 3
+        assert 1 <= m["stage2"]["experts_per_image_test"]["mean"] <= 3  # the reported test outputs are routed
         assert "experts" in (tmp_path / "run" / RunDir.epoch_log_name("classifier")).read_text().splitlines()[0]
     else:
         assert m["ride"]["logit_scale"] == 30.0

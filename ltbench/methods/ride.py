@@ -363,7 +363,10 @@ class RideRouter:
         ClassifierStage can hand to the runner as the stage's final test outputs (the validation figure is in
         :meth:`chosen`)."""
         out, stats = self._routing(model.head, ctx.predict(model, "test", features=True))
-        return {"test": out}, {"experts_per_image_test": stats}
+        outputs = {"test": out}
+        if len(ctx.data.val_y):  # the validation metrics of the routed network too, not of the plain mean
+            outputs["val"] = self._routing(model.head, ctx.predict(model, "val", features=True))[0]
+        return outputs, {"experts_per_image_test": stats}
 
     @staticmethod
     @torch.no_grad()

@@ -260,6 +260,23 @@ def test_runs_end_to_end_from_compose(stsb_root, tmp_path):
     assert record["data_info"]["vocab_size"] > 2 and record["num_train"] == 6
 
 
+def test_the_experiment_is_the_cpu_recipe_and_predicts_the_score_over_5(stsb_root, tmp_path):
+    from ltbench.config import to_schema
+    from ltbench.runner import run
+
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=stsb_dir", "strategy=lds", f"dataset.root={stsb_root}",
+                                          "dataset.check_counts=false", "schedule.epochs=1", "schedule.batch_size=4",
+                                          "progress=false", "device=cpu", f"results_dir={tmp_path}"])  # fmt: skip
+    s = to_schema(cfg)
+    assert (s.task.name, s.task.scale, s.loss.name, s.model.name, s.model.hidden) == ("regression", 5.0, "mse",
+                                                                                      "bilstm", 64)  # fmt: skip
+    assert (s.schedule.optimizer, s.schedule.lr, s.schedule.batch_size) == ("adam", 1e-3, 4)
+    assert s.reweight.name == "sqinv" and s.reweight.lds
+    record = run(cfg, tmp_path / "run")
+    assert record["status"] == "completed" and 0 <= record["mae"] <= 5  # on the 0-5 scale, not the scaled one
+
+
 # ------------------------------------------------------------------------------------------------ real data
 
 

@@ -62,14 +62,15 @@ class DataFeed:
     def _file_sets(data: LTData, cfg: DatasetConfig) -> dict:
         from ltbench.data.images import ImageFiles, eval_transform, raw_transform, train_transform
 
-        tr, ev = data.transforms or (
+        tr, ev, raw = data.transforms or (
             train_transform(cfg.image_size, data.mean, data.std),
             eval_transform(cfg.resize, cfg.image_size, data.mean, data.std),
+            raw_transform(cfg.resize),
         )
         return {
             "train": ImageFiles(data.root, data.train_files, data.train_y, tr),
             "train_plain": ImageFiles(data.root, data.train_files, data.train_y, ev),
-            "train_raw": ImageFiles(data.root, data.train_files, data.train_y, raw_transform(cfg.resize)),
+            "train_raw": ImageFiles(data.root, data.train_files, data.train_y, raw),
             "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
             "val": ImageFiles(data.root, data.val_files, data.val_y, ev),
         }

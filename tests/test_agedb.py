@@ -147,9 +147,11 @@ def test_dir_pipeline_gives_normalised_square_tensors(tree):
     from ltbench.data.images import ImageFiles
 
     d = build_dataset(cfg(tree, image_size=32))
-    train_tf, eval_tf = d.transforms
+    train_tf, eval_tf, raw_tf = d.transforms
     with Image.open(tree / d.train_files[0]) as img:
         rgb = img.convert("RGB")
+    raw = raw_tf(rgb)
+    assert raw.shape == (3, 32, 32) and raw.dtype == torch.uint8
     for tf in (train_tf, eval_tf):
         x = tf(rgb)
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32

@@ -137,7 +137,7 @@ class LTData:
     # Regression: float targets; "classes" are label bins of bin_width from bin_start (class_counts per bin).
     bin_start: float | None = None
     bin_width: float | None = None
-    # Image files with their own pipeline (train, eval); None: the ImageNet-LT one
+    # Image files with their own pipelines (train, eval, raw uint8); None: the ImageNet-LT ones
     transforms: tuple | None = None
     # Facts a model needs about the inputs (e.g. {"vocab_size": 12000}); recorded in metrics.json as data_info
     info: dict = field(default_factory=dict)

@@ -188,14 +188,15 @@ def count_problems(cfg: AgeDIRConfig, rows: AgeRows) -> list[str]:
     return problems
 
 
-def dir_transforms(size: int) -> tuple[Any, Any]:
-    """(train, eval) pipelines of DIR's train.py on PIL images: float32 [3, size, size] tensors in [-1, 1]."""
+def dir_transforms(size: int) -> tuple[Any, Any, Any]:
+    """(train, eval, raw) pipelines on PIL images. train/eval are DIR's train.py: float32 [3, size, size] tensors in
+    [-1, 1]; raw is the uint8 resized image, the input of methods that make their own views."""
     from torchvision.transforms import v2
 
     tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(DIR_MEAN, DIR_STD)]
     resize = v2.Resize((size, size), antialias=True)
     train = v2.Compose([resize, v2.RandomCrop(size, padding=16), v2.RandomHorizontalFlip(), *tail])
-    return train, v2.Compose([resize, *tail])
+    return train, v2.Compose([resize, *tail]), v2.Compose([resize, v2.ToImage()])
 
 
 def _path_bytes(paths: list[str]) -> np.ndarray:

@@ -34,6 +34,8 @@ GROUP_RULES = ("counts", "classes", "thirds")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MARK = "ltbench_identity"
 MARKS = ("stage", "run", "replicate", "none")
+# torch.compile modes (``compile=``); "none": eager. "true"/"false" (a YAML bool) mean "default"/"none".
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def epoch_at(fraction: float, epochs: int) -> int:
@@ -314,8 +316,16 @@ class TrainConfig:
     # Where finished stages are cached, content-addressed (default <results_dir>/stage_cache).
     stage_cache: str | None = runtime(None)
     progress: bool = runtime(True)
+    # torch.compile of the training forward and the evaluation forward (ltbench.fit): none (eager, the default, so
+    # CPU runs stay bit-reproducible) | default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs. An execution setting: compiled kernels reorder float sums (differences at
+    # rounding level, like cudnn.benchmark's choice of algorithm), so it is not part of the run's identity.
+    compile: str = runtime("none")
 
     def __post_init__(self) -> None:
+        self.compile = {"true": "default", "false": "none"}.get(str(self.compile).lower(), str(self.compile))
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -69,11 +69,14 @@ class Totals:
         self.seen = 0
         self.steps = 0
         self.last = 0  # samples of the last step
+        # mean(): per key, the copy to the host in flight (pinned tensor, its event, samples) and the last value read
+        self._inflight: dict[str, tuple[torch.Tensor, Any, int]] = {}
+        self._shown: dict[str, float] = {}
 
     def add(self, n: int, sums: dict[str, torch.Tensor]) -> None:
         self.seen, self.steps, self.last = self.seen + n, self.steps + 1, n
-        for k, v in sums.items():
-            self.sums[k] = v if k not in self.sums else self.sums[k] + v
+        for k, v in sums.items():  # the first value is copied: it may be memory a CUDA graph's next replay reuses
+            self.sums[k] = v.detach().clone() if k not in self.sums else self.sums[k] + v
 
     def values(self) -> dict[str, float]:
         if not self.sums:
@@ -83,4 +86,23 @@ class Totals:
         return dict(zip(keys, vals))
 
     def mean(self, key: str) -> float:
-        return float(self.sums[key]) / max(self.seen, 1) if key in self.sums else float("nan")
+        """The running mean of ``key`` for display (the progress bar). On CUDA it never waits for the device: it
+        returns the value of the last copy that has landed and starts a new one (so it lags by one call); the first
+        call of an epoch waits once. Elsewhere it is exact."""
+        if key not in self.sums:
+            return float("nan")
+        value = self.sums[key].detach()
+        if value.device.type != "cuda":
+            return float(value) / max(self.seen, 1)
+        pending = self._inflight.get(key)
+        if pending is not None and pending[1].query():
+            self._shown[key] = float(pending[0]) / max(pending[2], 1)
+            pending = None
+        if key not in self._shown:  # nothing read yet: wait this once
+            self._shown[key] = float(value) / max(self.seen, 1)
+        elif pending is None:
+            host = value.to("cpu", non_blocking=True)  # pinned: the copy runs behind the queued kernels
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(value.device))
+            self._inflight[key] = (host, event, self.seen)
+        return self._shown[key]

@@ -277,6 +277,7 @@ def _describe(record: dict, tcfg: TrainConfig, data: LTData, stats, device: torc
         device=str(device),
         world_size=info.world_size,
         num_threads=torch.get_num_threads(),
+        compile=tcfg.compile,
         stages=[s.name for s in plan(tcfg)],
     )
     short = [c for c, n in enumerate(val_counts) if n < tcfg.dataset.val_per_class]

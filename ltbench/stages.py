@@ -76,7 +76,9 @@ class RunContext:
         try:
             batches = self.feed.evaluate(split, bs, indices=idx)
             advance = lambda k: self.progress.update(task, advance=k)  # noqa: E731
-            out = predict(model, batches, amp=self.cfg.amp, features=features, on_batch=advance)
+            out = predict(
+                model, batches, amp=self.cfg.amp, features=features, on_batch=advance, compile=self.cfg.compile
+            )
         finally:
             self.progress.remove_task(task)
         return gather_cat(out, self.info)
@@ -174,6 +176,7 @@ def train(ctx: RunContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> 
         cfg.amp,
         start,
         rows,
+        compile=cfg.compile,
     )
     fit(trainer, _hooks(ctx, stage, trainer, spec))
     return trainer.rows

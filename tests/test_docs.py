@@ -24,7 +24,12 @@ def test_pyproject_lists_every_package_and_config_group():
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     code = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ltbench").rglob("__init__.py")}
-    groups = {f"ltbench.conf.{d.name}" for d in (REPO / "conf").iterdir() if d.is_dir() and d.name != "__pycache__"}
+    conf = REPO / "conf"
+    groups = {  # every folder of conf/, nested ones (hydra/launcher) too
+        ".".join(("ltbench.conf", *d.relative_to(conf).parts))
+        for d in conf.rglob("*")
+        if d.is_dir() and "__pycache__" not in d.parts
+    }
     assert listed == code | groups | {"ltbench.conf"}, "update [tool.setuptools] packages in pyproject.toml"
 
 

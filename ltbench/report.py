@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ltbench.config import GROUPS
 from ltbench.errors import LtbenchError
 from ltbench.records import Record, load_records
 from ltbench.rundir import atomic_write_text
@@ -188,15 +190,23 @@ def print_tables(agg: pd.DataFrame, failed: pd.DataFrame, warnings: list[str], c
         console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     for (task, ds, ratio), g in agg.groupby(SECTION, sort=False, dropna=False) if len(agg) else []:
         cols = metric_columns(g)
-        t = Table(title=escape(f"{_section_title(task, ds, ratio)}: mean ± std over seeds. {_direction_note(cols)}"))
-        for i, h in enumerate(_header(g)):  # the method column wraps (never truncated); numbers stay whole
-            if i == 0:
-                t.add_column(escape(h), justify="left", overflow="fold", min_width=min(24, console.width // 3))
-            else:
-                t.add_column(escape(h), justify="right", no_wrap=True)
-        for row in _display_rows(g):
-            t.add_row(*(escape(c) for c in row))
-        console.print(t)
+        title = f"{_section_title(task, ds, ratio)}: mean ± std over seeds. {_direction_note(cols)}"
+        header, rows = _header(g), _display_rows(g)
+        # Secondary metrics (after the primary one and the groups) give way, rightmost first, when the table would
+        # not fit the terminal: the method label and the group columns are never squeezed out. report.md has all.
+        optional = [2 + i for i, c in enumerate(cols) if i > 0 and c["key"] not in GROUPS]
+        shown = list(range(len(header)))
+        while optional and _table_width(header, rows, shown, console) > console.width:
+            shown.remove(optional.pop())
+        hidden = ", ".join(h for i, h in enumerate(header) if i not in shown)
+        label_width = min(24, console.width // 3)
+        if _table_width(header, rows, shown, console) > console.width:  # the std under the mean, headers wrap
+            rows = [[c.replace(" ± ", "\n± ") for c in r] for r in rows]
+            header = [h.replace(" (", "\n(").replace("/medium/", "/\nmedium/") for h in header]
+            label_width = max(8, label_width + console.width - _table_width(header, rows, shown, console))
+        console.print(_terminal_table(title, header, rows, shown, label_width))
+        if hidden:
+            console.print(f"(not shown at this terminal width: {escape(hidden)}; every column is in report.md)")
     if len(failed):
         t = Table(title="runs not included", title_style="yellow")
         for h in ("status", "method", "seed", "run directory", "reason"):
@@ -204,6 +214,24 @@ def print_tables(agg: pd.DataFrame, failed: pd.DataFrame, warnings: list[str], c
         for _, r in failed.iterrows():
             t.add_row(*(escape(str(r[k])) for k in ("status", "label", "seed", "run_dir", "error")))
         console.print(t)
+
+
+def _table_width(header: list[str], rows: list[list[str]], shown: list[int], console: Console) -> int:
+    """Columns the table needs with every number whole and the method column at its minimum, borders included."""
+    widths = [min(24, console.width // 3) if i == 0 else max(cell_len(r[i]) for r in [header, *rows]) for i in shown]
+    return sum(widths) + 3 * len(shown) + 1  # one space each side of a cell, one border between and at each end
+
+
+def _terminal_table(title: str, header: list[str], rows: list[list[str]], shown: list[int], label_width: int) -> Table:
+    t = Table(title=escape(title))
+    for i in shown:  # the method column wraps (never truncated); numbers stay whole
+        if i == 0:
+            t.add_column(escape(header[i]), justify="left", overflow="fold", min_width=label_width)
+        else:
+            t.add_column(escape(header[i]), justify="right", no_wrap=True)
+    for row in rows:
+        t.add_row(*(escape(row[i]) for i in shown))
+    return t
 
 
 def report(root: Path, out: Path | None = None, plots: bool = True, console: Console | None = None) -> pd.DataFrame:

@@ -106,3 +106,31 @@ def test_regression_style_columns_come_from_the_record(tmp_path):
     assert list(agg["label"]) == ["b", "a"]  # lower is better: the best first
     md = (tmp_path / "report.md").read_text()
     assert "Lower is better: MAE, many" in md and "| MAE |" in md and "bins (many/medium/few)" in md
+
+
+def test_a_wide_regression_table_fits_an_80_column_terminal_without_losing_labels_or_groups(tmp_path):
+    """Eight columns of large numbers (diamond prices) do not fit 80 columns: the secondary metrics give way (and the
+    table says which), the std goes under the mean, and the method label and the many/medium/few columns stay whole;
+    report.md keeps every column."""
+    keys = [("mae", "MAE"), ("many", "many"), ("medium", "medium"), ("few", "few"), ("mse", "MSE"), ("gm", "GM")]
+    cols = [{"key": k, "header": h, "higher_is_better": False} for k, h in keys] + [
+        {"key": "pearson", "header": "Pearson", "higher_is_better": True}
+    ]
+    for seed in (0, 1):
+        rec = good(label="lds_fds", strategy="lds_fds", task="regression", columns=cols, seed=seed, group_unit="bins")
+        rec.pop("top1")
+        rec.update(mae=769.08 + seed, many=377.27, medium=812.44, few=1548.06 + seed, mse=1423016.78 + seed, gm=375.9)
+        rec.update(pearson=0.98, group_sizes={"many": 19, "medium": 10, "few": 9})
+        write(tmp_path, f"r{seed}", rec)
+    console = Console(width=80, record=True)
+    report(tmp_path, plots=False, console=console)
+    text = console.export_text()
+    table = [line for line in text.splitlines() if line[:1] in set("┏┃┡│└")]
+    assert table and max(len(line) for line in table) <= 80 and "…" not in text
+    assert "lds_fds" in text and "1548.56" in text and "19/10/9" in text  # label, few-shot MAE, group sizes
+    assert "not shown at this terminal width: MSE, GM, Pearson" in text and "1423017" not in text
+    assert "| MSE | GM | Pearson |" in (tmp_path / "report.md").read_text()
+    wide = Console(width=250, record=True)
+    report(tmp_path, plots=False, console=wide)
+    wide_text = wide.export_text()
+    assert "not shown" not in wide_text and "1423017.28 ± 0.71" in wide_text

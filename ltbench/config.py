@@ -33,6 +33,8 @@ GROUPS = ("many", "medium", "few")
 GROUP_RULES = ("counts", "classes", "thirds")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MARK = "ltbench_identity"
+# Fields added after runs were recorded: left out of every identity while they hold their default (``added``).
+OMIT_AT_DEFAULT = "ltbench_omit_at_default"
 MARKS = ("stage", "run", "replicate", "none")
 # torch.compile modes (``compile=``); "none": eager. "true"/"false" (a YAML bool) mean "default"/"none".
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -66,6 +68,13 @@ def run_level(default: Any = None, *, factory: Any = None) -> Any:
 def replicate(default: Any = None) -> Any:
     """A field that varies between replicates of one experiment (the seed)."""
     return _marked("replicate", default, None)
+
+
+def added(default: Any, *, mark: str = "stage") -> Any:
+    """A setting added after runs were recorded, whose default is the behaviour from before it existed: left out of
+    the config hash and the stage keys while it holds that default (so existing runs keep their hash, directory,
+    resume and stage caches); any other value counts as ``mark`` says."""
+    return field(default=default, metadata={MARK: mark, OMIT_AT_DEFAULT: True})
 
 
 # ------------------------------------------------------------------------------------------------- shared pieces
@@ -165,6 +174,13 @@ class AugmentConfig:
     flip: bool = True
     cutout: int = 0  # side of the Cutout square (DeVries & Taylor 2017: 16 on CIFAR-10); 0 = off
     autoaugment: bool = False  # torchvision's CIFAR-10 AutoAugment policy, per image
+    # Random rotation by an angle uniform in [-rotate, rotate] degrees about the image centre, nearest neighbour,
+    # zero fill (torchvision RandomRotation(rotate)); RIDE's CIFAR recipe uses 15. 0 = off.
+    rotate: float = added(0.0)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rotate <= 180:  # also refuses nan; beyond 180 the range [-r, r] covers angles twice
+            raise ConfigError(f"augment.rotate is a maximum angle in degrees in [0, 180], got {self.rotate}")
 
 
 # ---------------------------------------------------------------------------- base schemas of the config groups

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ltbench.config import MARK, REGISTERED_SECTIONS, TrainConfig, to_schema
+from ltbench.config import MARK, OMIT_AT_DEFAULT, REGISTERED_SECTIONS, TrainConfig, to_schema
 
 _STRENGTH = {"none": 0, "run": 1, "replicate": 2, "stage": 3}
 _SECTIONS = {*REGISTERED_SECTIONS, "augment", "schedule"}
@@ -42,6 +42,8 @@ def identity_tree(obj: Any, keep: set[str], mark: str = "stage") -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"_schema": type(obj).__name__}
         for f in dataclasses.fields(obj):
+            if f.metadata.get(OMIT_AT_DEFAULT) and getattr(obj, f.name) == f.default:
+                continue  # added later, at the behaviour from before it existed: the old identities stand
             m = _weaker(mark, f.metadata.get(MARK, "stage"))
             if m in keep:
                 out[f.name] = identity_tree(getattr(obj, f.name), keep, m)

@@ -7,6 +7,7 @@ device, so a run draws the same augmentations on CPU and GPU and resumes exactly
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ltbench.config import AugmentConfig
 
@@ -29,6 +30,48 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def rotation_grid(angles: torch.Tensor, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``grid_sample`` grids (N x h x w x 2) rotating each image counter-clockwise by ``angles`` degrees (CPU tensor)
+    about its centre, output size = input size: the arithmetic of torchvision's tensor ``rotate`` (v2
+    ``rotate_image``: ``angle % 360``, ``_get_inverse_affine_matrix(center=[0, 0], -angle)``, ``_affine_grid``).
+
+    Pixel centres sit at ``i + 0.5 - w/2`` with the image centre at 0 (align_corners=False), so the rotation is about
+    the centre of the image, not of pixel (0, 0). The inverse matrix maps an output point (x, y) (y down) to its
+    source [[cos a, -sin a], [sin a, cos a]] (x, y); it is built in float64, cast to ``dtype`` and divided by the half
+    sizes there, like torchvision. The grid is multiply-adds per element (torchvision: one bmm), so it is computed the
+    same way on every device (a matmul could run in TF32 on a GPU).
+    """
+    a = torch.deg2rad(-torch.remainder(angles.double(), 360.0))  # torchvision: radians(-(angle % 360))
+    cos, sin = torch.cos(a), torch.sin(a)
+    m = torch.stack((cos, sin, -sin, cos), 1).to(dtype)  # inverse matrix [d, -b, -c, a] of the reference, N x 4
+    m = (m / torch.tensor([0.5 * w, 0.5 * w, 0.5 * h, 0.5 * h], dtype=dtype)).to(device)
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, dtype=torch.float32, device=device).to(dtype)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, dtype=torch.float32, device=device).to(dtype)
+    xs, ys = xs[None, None, :], ys[None, :, None]
+    gx = xs * m[:, 0, None, None] + ys * m[:, 1, None, None]
+    gy = xs * m[:, 2, None, None] + ys * m[:, 3, None, None]
+    return torch.stack((gx, gy), -1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate image i of an NCHW batch by ``angles[i]`` degrees counter-clockwise about the image centre: nearest
+    neighbour, same size, zero fill (torchvision ``rotate(img, angle, NEAREST)`` with fill 0, which is what
+    ``RandomRotation(d)`` applies). uint8 is sampled in float32 and cast back exactly (nearest copies values)."""
+    if len(x) == 0:
+        return x
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    grid = rotation_grid(angles, x.shape[-2], x.shape[-1], dtype, x.device)
+    out = F.grid_sample(x.to(dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out if x.is_floating_point() else out.round_().to(x.dtype)
+
+
+def random_rotate(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torch.Tensor:
+    """torchvision ``RandomRotation(degrees)`` per image (RIDE's CIFAR recipe: 15, after RandomCrop and
+    RandomHorizontalFlip): one angle uniform in [-degrees, degrees) per image, drawn on CPU from ``gen``."""
+    angles = (torch.rand(x.shape[0], generator=gen, dtype=torch.float64) * 2 - 1) * degrees
+    return rotate(x, angles)
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -67,11 +110,15 @@ def autoaugment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Geometric/colour augmentation of a uint8 batch (Cutout is applied after normalisation, see below)."""
+    """Geometric/colour augmentation of a uint8 batch, in torchvision's order of the CIFAR recipes: crop, flip,
+    rotation, AutoAugment (Cutout is applied after normalisation, see ltbench.feed). A step that is off draws nothing
+    from ``gen``: with ``rotate`` 0 the batches and the stream are exactly those from before the option existed."""
     if cfg.crop:
         x = random_crop(x, cfg.padding, gen)
     if cfg.flip:
         x = random_flip(x, gen)
+    if cfg.rotate:
+        x = random_rotate(x, cfg.rotate, gen)
     if cfg.autoaugment:
         x = autoaugment(x, gen)
     return x

@@ -65,14 +65,26 @@ def test_unknown_table_or_row_is_one_clear_error(tmp_path):
         plan(load_table("cifar10lt_ldam"), tmp_path, [], rows=["ce", "nope"])
 
 
+def test_every_row_of_every_table_composes_with_its_overrides(tmp_path):
+    """A misspelt override of a row (classifier.lr_factr) would fail only when its run starts: the plan composes
+    every row now (cifar10lt_ldam's rows are composed by the next test)."""
+    for name in list_tables():
+        if name != "cifar10lt_ldam":
+            t = load_table(name)
+            assert len(plan(t, tmp_path / name, [], seeds=[0], ratios=t.ratios[:1])) == len(
+                [r for r in t.rows if t.ratios[0] in r.published]
+            )
+
+
 def test_the_plan_shares_stage_1_among_decoupled_rows_and_fixes_run_directories(tmp_path):
     jobs = plan(load_table("cifar10lt_ldam"), tmp_path, ["experiment=smoke"], seeds=[0, 1], ratios=[100])
-    assert len(jobs) == 12 * 2 and len({j.run_dir for j in jobs}) == len(jobs)
+    assert len(jobs) == 13 * 2 and len({j.run_dir for j in jobs}) == len(jobs)
     by = {(j.row.strategy, j.seed): j for j in jobs}
     assert by["crt", 0].group == by["lws", 0].group and by["crt", 0].group != by["crt", 1].group
     # tau_norm / posthoc_la select on validation: their training subset gives validation images, another stage 1
     assert by["tau_norm", 0].group == by["posthoc_la", 0].group != by["crt", 0].group
     assert by["ce", 0].group is None and by["ldam_drw", 0].group is None
+    assert by["mislas", 0].group != by["crt", 0].group  # its stage 1 is mixup: nothing to share
     assert by["ce", 0].config_hash == by["ce", 1].config_hash != by["focal", 0].config_hash  # the seed is not in it
     assert by["ce", 0].run_dir == tmp_path / "runs" / "cifar10lt_ir100" / "ce" / f"{by['ce', 0].config_hash[:8]}_seed0"
     assert by["lws", 0].cost(stage1_cached=True) == 10 and by["posthoc_la", 0].cost(stage1_cached=True) == 1

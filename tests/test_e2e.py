@@ -274,15 +274,22 @@ def test_cli_help_and_listing(tmp_path):
     assert r.returncode == 0 and "strategy" in r.stdout
     classifiers = ", ".join(sorted(p.stem for p in (REPO / "conf" / "classifier").glob("*.yaml")))
     assert "schema" not in r.stdout and f"classifier: {classifiers}" in r.stdout  # every option, nothing else
-    r = ltbench("strategies", cwd=tmp_path)
-    assert r.returncode == 0 and "ldam_drw" in r.stdout
     r = ltbench("train", "--cfg", "job", "strategy=focal", cwd=tmp_path)
     assert r.returncode == 0 and "name: focal" in r.stdout
     line = "ltbench train strategy=ld"  # shell completion sees the subcommand in COMP_LINE
     r = ltbench("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
     assert r.returncode == 0 and "strategy=ldam_drw" in r.stdout.split()
-    r = ltbench("report", str(tmp_path / "empty"), cwd=tmp_path)
-    assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+def test_cli_strategies_and_a_missing_report_directory_in_process(tmp_path, capsys):
+    """The commands that need no Hydra app run in this process (a subprocess costs seconds of imports)."""
+    from ltbench.cli import main
+
+    main(["strategies"])
+    assert "ldam_drw" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "empty")])
+    assert e.value.code == 2 and "no such directory" in capsys.readouterr().err
 
 
 def test_report_aggregates_mean_std_and_lists_failures(tmp_path):

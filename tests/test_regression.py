@@ -300,7 +300,7 @@ STRATEGIES = [p.name for p in list_strategies() if "regression" in p.tasks]  # e
 
 @pytest.mark.slow
 def test_every_regression_method_trains_from_the_cli_and_the_report_compares_them(tmp_path):
-    r = ltbench("train", "-m", "experiment=synthetic_dir", f"strategy={','.join(STRATEGIES)}", "schedule.epochs=30",
+    r = ltbench("train", "-m", "experiment=synthetic_dir", f"strategy={','.join(STRATEGIES)}", "schedule.epochs=5",
                 "progress=false", "device=cpu", f"results_dir={tmp_path}", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]

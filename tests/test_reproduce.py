@@ -100,7 +100,7 @@ def test_cli_reproduction_report_resume_and_refusal(cifar200, tmp_path):
     out = tmp_path / "repro"
     extras = ["experiment=smoke", "device=cpu", f"dataset.root={cifar200}", "dataset.download=false"]
     args = ["reproduce", "cifar10lt_ldam", "--seeds", "0", "--ratios", "100", "--out", str(out)]
-    r = ltbench(*args, "--rows", "ce,crt", *extras, cwd=tmp_path, timeout=600)
+    r = ltbench(*args, "--rows", "ce,crt", "--jobs", "2", *extras, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ETA" in r.stderr and "done" in r.stderr
     md = (out / "reproduce.md").read_text()
@@ -127,7 +127,8 @@ def test_cli_a_failed_job_does_not_stop_the_others_nor_a_broken_record_the_repor
     focal = next(j for j in jobs if j.row.strategy == "focal")
     focal.run_dir.mkdir(parents=True)  # a directory that holds another run: ltbench train refuses to write there
     (focal.run_dir / "metrics.json").write_text(json.dumps({"status": "completed", "config_hash": "another"}))
-    args = ["reproduce", "cifar10lt_ldam", "--seeds", "0", "--ratios", "100", "--rows", "ce,focal", "--out", str(out)]
+    args = ["reproduce", "cifar10lt_ldam", "--seeds", "0", "--ratios", "100", "--rows", "ce,focal", "--jobs", "2",
+            "--out", str(out)]  # fmt: skip
     r = ltbench(*args, *extras, cwd=tmp_path, timeout=600)
     assert r.returncode == 1 and "failed" in r.stderr and "1 run(s) failed" in r.stderr
     ce = next(j for j in jobs if j.row.strategy == "ce")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -155,12 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for n in args.jobs:
         rows.append(measure(n, args))
         print(rows[-1], flush=True)
-    md = to_markdown(meta, rows)
-    print("\n" + md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "packing.md").write_text(md)
-        (args.out / "packing.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    bt.write_results(args.out, "packing", to_markdown(meta, rows), meta, rows)
     return rows
 
 

@@ -448,13 +448,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if "fp32" in bare:
             rows[-1]["ratio_to_bare"] = round(rows[-1]["images_per_s"] / bare["fp32"], 3)
         print(rows[-1], flush=True)
-    md = to_markdown(meta, rows)
-    print("\n" + md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "throughput.md").write_text(md)
-        (args.out / "throughput.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, "throughput", to_markdown(meta, rows), meta, rows)
     return rows
+
+
+def write_results(out: Path | None, stem: str, md: str, meta: dict, rows: list[dict]) -> None:
+    """Print the markdown table; with ``out``, also write out/<stem>.md and out/<stem>.json (meta + rows)."""
+    print("\n" + md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(md)
+        (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,25 @@ def shared_lists() -> Path | None:
     if root and (Path(root) / "imagenet_lt" / "ImageNet_LT_test.txt").exists():
         return Path(root)
     return None
+
+
+def interrupt_at(monkeypatch, start, *, at: int, stage: str | None = None) -> None:
+    """Call ``start()`` with the ``at``-th training epoch of ``stage`` (of any stage: None) raising KeyboardInterrupt,
+    as Ctrl-C there would; checks that the run was interrupted and restores the loop afterwards."""
+    import ltbench.fit as fit_mod
+
+    real, calls = fit_mod.train_epoch, {"n": 0}
+
+    def interrupt(tr, *a, **k):
+        if stage is None or tr.stage == stage:
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt
+        return real(tr, *a, **k)
+
+    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start()
+    finally:
+        monkeypatch.setattr(fit_mod, "train_epoch", real)

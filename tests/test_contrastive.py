@@ -16,10 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import SMOKE
+from conftest import SMOKE, interrupt_at
 from hydra import compose, initialize_config_module
 
-import ltbench.fit as fit_mod
 from ltbench.config import AugmentConfig, to_schema
 from ltbench.core import Batch, Epoch
 from ltbench.errors import ConfigError
@@ -284,18 +283,7 @@ def test_bcl_resumed_inside_training_equals_an_uninterrupted_run(compose_cfg, ci
     assert full["status"] == "completed" and full["strategy"] == "bcl"
     rows = (tmp_path / "full" / "epochs.csv").read_text().splitlines()
     assert "loss_ce" in rows[0] and "loss_con" in rows[0] and len(rows) == 3
-    real, calls = fit_mod.train_epoch, {"n": 0}
-
-    def interrupt(tr, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(tr, *a, **k)
-
-    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*args, f"results_dir={tmp_path / 'b'}"), tmp_path / "cut")
-    monkeypatch.setattr(fit_mod, "train_epoch", real)
+    interrupt_at(monkeypatch, lambda: run(compose_cfg(*args, f"results_dir={tmp_path / 'b'}"), tmp_path / "cut"), at=2)
     resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
     assert resumed["resumed_at_stage"] == ["train"] and resumed["resumed_at_epoch"] == [1]
     assert resumed["top1"] == full["top1"] and resumed["per_class_acc"] == full["per_class_acc"]

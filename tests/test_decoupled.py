@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE
+from conftest import SMOKE, interrupt_at
 from hydra import compose, initialize_config_module
 from torch import nn
 
-import ltbench.fit as fit_mod
 from ltbench.classifier import FrozenBackbone, ScaledHead
 from ltbench.config import to_schema
 from ltbench.core import Batch, Epoch
@@ -441,19 +440,7 @@ def test_resume_inside_the_classifier_stage_equals_an_uninterrupted_run(
     args = [f"classifier={name}", "classifier.schedule.epochs=3", f"stage_cache={cache}", *extra,
             *_fixture(cifar10_root, tmp_path)]  # fmt: skip
     full = run(compose_cfg(*args), tmp_path / "full")
-    real, calls = fit_mod.train_epoch, {"n": 0}
-
-    def interrupt(tr, *a, **k):
-        if tr.stage == "classifier":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        return real(tr, *a, **k)
-
-    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*args), tmp_path / "cut")
-    monkeypatch.setattr(fit_mod, "train_epoch", real)
+    interrupt_at(monkeypatch, lambda: run(compose_cfg(*args), tmp_path / "cut"), at=2, stage="classifier")
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["status"] == "interrupted"
     resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
     assert resumed["resumed_at_stage"] == ["classifier"] and resumed["resumed_at_epoch"] == [1]

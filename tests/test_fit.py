@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMOKE
+from conftest import SMOKE, interrupt_at
 from hydra import compose, initialize_config_module
 from torch import nn
 
@@ -175,19 +175,12 @@ def test_resume_inside_the_classifier_stage_equals_an_uninterrupted_run(
 ):
     args = ["strategy=crt", "classifier.schedule.epochs=4", *_fixture(cifar10_root, tmp_path)]
     full = run(compose_cfg(*args, f"stage_cache={tmp_path / 'c1'}"), tmp_path / "full")
-    real, calls = fit_mod.train_epoch, {"n": 0}
-
-    def interrupt(tr, *a, **k):
-        if tr.stage == "classifier":
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        return real(tr, *a, **k)
-
-    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*args, f"stage_cache={tmp_path / 'c2'}"), tmp_path / "cut")
-    monkeypatch.setattr(fit_mod, "train_epoch", real)
+    interrupt_at(
+        monkeypatch,
+        lambda: run(compose_cfg(*args, f"stage_cache={tmp_path / 'c2'}"), tmp_path / "cut"),
+        at=3,
+        stage="classifier",
+    )
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["status"] == "interrupted"
     resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
     assert resumed["resumed_at_stage"] == ["classifier"] and resumed["resumed_at_epoch"] == [2]

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE, make_cifar
+from conftest import SMOKE, interrupt_at, make_cifar
 from hydra import compose, initialize_config_module
 from test_e2e import ltbench
 from torch import nn
 
-import ltbench.fit as fit_mod
 from ltbench.config import to_schema
 from ltbench.core import Batch
 from ltbench.data.lt import lt_counts
@@ -182,19 +181,12 @@ def test_resume_inside_the_pretraining_stage_equals_an_uninterrupted_run(
     args = ["pretrain=rotation", "pretrain.schedule.epochs=3", "pretrain.schedule.batch_size=32",
             f"dataset.root={cifar10_root}", "dataset.download=false", "dataset.imbalance_ratio=10"]  # fmt: skip
     full = run(compose_cfg(*args, f"results_dir={tmp_path / 'a'}"), tmp_path / "full")
-    real, calls = fit_mod.train_epoch, {"n": 0}
-
-    def interrupt(tr, *a, **k):
-        if tr.stage == "pretrain":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        return real(tr, *a, **k)
-
-    monkeypatch.setattr(fit_mod, "train_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*args, f"results_dir={tmp_path / 'b'}"), tmp_path / "cut")
-    monkeypatch.setattr(fit_mod, "train_epoch", real)
+    interrupt_at(
+        monkeypatch,
+        lambda: run(compose_cfg(*args, f"results_dir={tmp_path / 'b'}"), tmp_path / "cut"),
+        at=2,
+        stage="pretrain",
+    )
     resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
     assert resumed["resumed_at_stage"] == ["pretrain"] and resumed["resumed_at_epoch"] == [1]
     assert resumed["top1"] == full["top1"] and resumed["per_class_acc"] == full["per_class_acc"]

@@ -12,7 +12,7 @@ TORCH ?=
 TORCH_INDEX_cpu := https://download.pytorch.org/whl/cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast report reproduce lint format clean
+.PHONY: help install demo test test-fast report reproduce lint format clean device-prep device-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,16 @@ TABLE ?= cifar10lt_ldam
 REPRODUCE_ARGS ?=
 reproduce: install ## re-run a published table (TABLE=cifar10lt_ldam; REPRODUCE_ARGS="--resume --jobs 4 dataset.root=...")
 	$(LTB) reproduce $(TABLE) $(REPRODUCE_ARGS)
+
+LTBENCH_DATA ?= /work/shared/data
+DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 hydra-joblib-launcher==1.2.0
+device-prep: install ## what a GPU machine's device check needs carried: CIFAR-10-LT packed (.device_data/), wheels (.whl/)
+	test -f .device_data/pack/meta.json || $(PY) scripts/pack_cifar_lt.py pack --root $(LTBENCH_DATA) --ratio 100 --out .device_data/pack
+	$(PY) -m pip wheel -q --no-deps -w .whl $(DEVICE_WHEELS)
+
+DEVICE_OUT ?= results/device_check
+device-check: install ## the device check (scripts/device_check.py); DRY=1: its CPU dry run; MINUTES=10
+	bash scripts/device_check.sh --out $(DEVICE_OUT) --minutes $(or $(MINUTES),10) $(if $(DRY),--dry-run)
 
 lint: install ## ruff check
 	$(VENV)/bin/ruff check ltbench tests scripts

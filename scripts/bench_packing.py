@@ -10,7 +10,7 @@ packed sweep gives them. Every process warms up (compilation, CUDA-graph recordi
 whole epochs for ``--seconds``; the aggregate is all their images over the common window (first start to last end,
 wall clock). The order N = 1, 2, 4, 8 lets the larger N reuse the compiled kernels that N = 1 wrote to inductor's
 cache. A process that dies is reported and the others carry on.
-Prints a markdown table; ``--out DIR`` also writes DIR/packing.md and DIR/packing.json.
+Prints a markdown table; ``--out DIR`` also writes DIR/packing.md and DIR/packing.json, rewritten after every N.
 """
 
 from __future__ import annotations
@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "data, N = 1 2, 3 s) to check the script on a CPU; the numbers mean nothing")  # fmt: skip
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if args.quick:
-        args.depth, args.width, args.batch_size, args.warmup, args.seconds = 8, 8, 32, 1, 3.0
+    if args.quick:  # tiny sizes where the command line left the defaults
+        for k, v in {"depth": 8, "width": 8, "batch_size": 32, "warmup": 1, "seconds": 3.0}.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
         args.jobs = [j for j in args.jobs if j <= 2] or [1]
     device = torch.device(args.device)
     args.mode = args.mode or ("reduce-overhead" if device.type == "cuda" else "none")
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for n in args.jobs:
         rows.append(measure(n, args))
         print(rows[-1], flush=True)
+        bt.write_results(args.out, "packing", to_markdown(meta, rows), meta, rows, echo=False)  # kept if stopped
     bt.write_results(args.out, "packing", to_markdown(meta, rows), meta, rows)
     return rows
 

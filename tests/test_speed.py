@@ -18,12 +18,14 @@ from conftest import SMOKE
 from hydra import compose, initialize_config_module
 from torch import nn
 
+import ltbench.compile as compile_mod
 import ltbench.fit as fit_mod
 from ltbench.config import ScheduleConfig, to_schema
 from ltbench.core import Batch, Epoch, Hook
 from ltbench.errors import ConfigError, LtbenchError
-from ltbench.fit import Compiled, Trainer, check_compile, fit, pack_jobs, predict
+from ltbench.fit import Compiled, Trainer, check_compile, fit, predict
 from ltbench.identity import changes_result, config_hash
+from ltbench.launcher import pack_jobs
 from ltbench.losses.classification import CrossEntropy
 from ltbench.methods.supervised import Supervised
 from ltbench.optim import build_optimizer, model_groups
@@ -145,7 +147,7 @@ def _failing_compile(*args, **kwargs):
 
 
 def test_no_working_compiler_is_one_line_before_the_first_step(monkeypatch):
-    monkeypatch.setattr(fit_mod, "_COMPILE_WORKS", {})
+    monkeypatch.setattr(compile_mod, "_COMPILE_WORKS", {})
     monkeypatch.setattr(torch, "compile", _failing_compile)
     tr, steps = _trainer("reduce-overhead"), Steps()
     with pytest.raises(LtbenchError) as err:
@@ -157,7 +159,7 @@ def test_no_working_compiler_is_one_line_before_the_first_step(monkeypatch):
 
 
 def test_a_model_that_fails_to_compile_is_one_line_at_the_first_step_and_evaluation_falls_back(monkeypatch):
-    monkeypatch.setattr(fit_mod, "_COMPILE_WORKS", {"cpu": None})  # the probe passed; this model does not
+    monkeypatch.setattr(compile_mod, "_COMPILE_WORKS", {"cpu": None})  # the probe passed; this model does not
     monkeypatch.setattr(torch, "compile", _failing_compile)
     tr = _trainer("default")
     with pytest.raises(LtbenchError, match=r"^compile=default: torch\.compile failed on the train stage's model"):
@@ -181,7 +183,7 @@ def test_a_run_with_compile_trains_and_evaluates_every_stage_through_it(
     torch.compile is replaced by the identity, so this checks the wiring, not inductor."""
     from ltbench.runner import run
 
-    monkeypatch.setattr(fit_mod, "_COMPILE_WORKS", {})
+    monkeypatch.setattr(compile_mod, "_COMPILE_WORKS", {})
     monkeypatch.setattr(torch, "compile", lambda f, **k: f)
     seen: list[str] = []
     real_init = Compiled.__init__

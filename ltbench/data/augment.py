@@ -2,6 +2,12 @@
 
 Random parameters come from a CPU ``torch.Generator`` (a few numbers per image) and are moved to the batch's
 device, so a run draws the same augmentations on CPU and GPU and resumes exactly at an epoch boundary.
+
+Invariant: nothing here waits for the device (no host sync per batch, except AutoAugment, which runs per image on
+the CPU). The draws are copied with ``non_blocking=True``: from pageable CPU memory the driver stages the bytes
+before the call returns, so the CPU tensor may be freed at once and the copy never waits for the kernels queued
+before it; the normalisation constants are made once per device. The values, and so every number of a run, are
+those of the blocking copies.
 """
 
 from __future__ import annotations
@@ -18,17 +24,18 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
         return x
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # n x h x 1
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # n x 1 x w
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    d = to_device(torch.stack([dy, dx]), x.device)  # one copy for both offsets
+    rows = (d[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # n x h x 1
+    cols = (d[1][:, None] + torch.arange(w, device=x.device))[:, None, :]  # n x 1 x w
     batch = torch.arange(n, device=x.device)[:, None, None]
     # Advanced indexing gives n x h x w x c; move channels back.
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    flip = to_device(torch.rand(x.shape[0], generator=gen) < 0.5, x.device)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -46,7 +53,7 @@ def rotation_grid(angles: torch.Tensor, h: int, w: int, dtype: torch.dtype, devi
     a = torch.deg2rad(-torch.remainder(angles.double(), 360.0))  # torchvision: radians(-(angle % 360))
     cos, sin = torch.cos(a), torch.sin(a)
     m = torch.stack((cos, sin, -sin, cos), 1).to(dtype)  # inverse matrix [d, -b, -c, a] of the reference, N x 4
-    m = (m / torch.tensor([0.5 * w, 0.5 * w, 0.5 * h, 0.5 * h], dtype=dtype)).to(device)
+    m = to_device(m / torch.tensor([0.5 * w, 0.5 * w, 0.5 * h, 0.5 * h], dtype=dtype), device)
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, dtype=torch.float32, device=device).to(dtype)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, dtype=torch.float32, device=device).to(dtype)
     xs, ys = xs[None, None, :], ys[None, :, None]
@@ -77,8 +84,10 @@ def random_rotate(x: torch.Tensor, degrees: float, gen: torch.Generator) -> torc
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """Zero a size x size square centred at a random pixel of each image (clipped at the border)."""
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=gen).to(x.device)
-    cx = torch.randint(0, w, (n,), generator=gen).to(x.device)
+    cy = torch.randint(0, h, (n,), generator=gen)
+    cx = torch.randint(0, w, (n,), generator=gen)
+    c = to_device(torch.stack([cy, cx]), x.device)
+    cy, cx = c[0], c[1]
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
     half = size // 2
@@ -124,9 +133,26 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     return x
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor of random draws on ``device`` without waiting for the device (see the module's invariant)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (device, mean, std) -> (mean, std) 1 x C x 1 x 1
+
+
+def _mean_std(mean, std, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    if key not in _CONSTANTS:
+        m = torch.tensor(key[1], dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(key[2], dtype=torch.float32).view(1, -1, 1, 1)
+        _CONSTANTS[key] = (m.to(device), s.to(device))
+    return _CONSTANTS[key]
+
+
 def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW -> float, (x/255 - mean) / std, channels_last for faster convolutions."""
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    """uint8 NCHW -> float, (x/255 - mean) / std, channels_last for faster convolutions. The constants are float32
+    tensors of ``mean`` / ``std`` made once per device (read-only: never modified in place)."""
+    m, s = _mean_std(mean, std, x.device)
     out = (x.float().div_(255.0) - m) / s
     return out.to(dtype).contiguous(memory_format=torch.channels_last)

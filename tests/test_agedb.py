@@ -164,6 +164,23 @@ def test_dir_pipeline_gives_normalised_square_tensors(tree):
     assert torch.equal(a, b) and y.dtype == torch.float32  # per-image seeded augmentation
 
 
+def test_decoded_cache_evaluates_as_the_dir_pipeline_and_trains_on_the_device(tree, tmp_path):
+    from ltbench.data.image_aug import CachedFeed
+    from ltbench.feed import DataFeed
+
+    c = cfg(tree, image_size=32, cache="disk", cache_dir=str(tmp_path))
+    d = build_dataset(c)
+    assert d.image_recipe == "dir"
+    cached = CachedFeed(d, c, torch.device("cpu"))
+    assert cached.cache.meta["mode"] == "square" and cached.cache.side == 32  # Resize((32, 32)) is what is kept
+    ref = DataFeed(d, cfg(tree, image_size=32), torch.device("cpu"))  # the DataLoader pipeline
+    for split in ("test", "val"):
+        a = [b.x for b in ref.evaluate(split, 2)]
+        assert all(torch.equal(u, v) for u, (v, _) in zip(a, cached.evaluate(split, 2), strict=True))
+    x, y, _ = next(iter(cached.train(torch.arange(4), 4, True, torch.Generator().manual_seed(0))))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.float32 and -1 <= float(x.min()) <= float(x.max()) <= 1
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 _NEEDS = [REPO / "conf" / "task" / "regression.yaml", REPO / "conf" / "loss" / "mse.yaml"]

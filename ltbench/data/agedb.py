@@ -34,6 +34,7 @@ import torch
 
 from ltbench.config import default_data_root, runtime
 from ltbench.data import DATASETS, LTData
+from ltbench.data.cache import ImageCacheOptions
 from ltbench.data.imagelist import SplitList, check_files
 from ltbench.data.lt import array_fingerprint, split_hash
 from ltbench.data.regression import RegressionDatasetConfig, bin_names, bins_of
@@ -46,7 +47,7 @@ DIR_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
-class AgeDIRConfig(RegressionDatasetConfig):
+class AgeDIRConfig(RegressionDatasetConfig, ImageCacheOptions):
     """An age-estimation DIR benchmark: one CSV split file over a folder of face images.
 
     Class attributes (not settings): ``csv_name``, the split file's default name; ``published``, its (train, val,
@@ -72,6 +73,7 @@ class AgeDIRConfig(RegressionDatasetConfig):
             raise ConfigError(f"dataset.image_size must be >= 1, got {self.image_size}")
         if self.num_workers < 0:
             raise ConfigError("dataset.num_workers must be >= 0")
+        self.check_cache()
 
 
 @dataclass
@@ -249,6 +251,7 @@ def _age_dir(cfg: AgeDIRConfig, workdir: Path, holdout: bool = False) -> LTData:
         bin_start=cfg.bin_start,
         bin_width=cfg.bin_width,
         transforms=dir_transforms(cfg.image_size),
+        image_recipe="dir",
     )
 
 

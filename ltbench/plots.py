@@ -53,8 +53,9 @@ def per_class_plot(g: pd.DataFrame, path: Path, title: str, key: str = "per_clas
     return drawn
 
 
-def group_bars(a: pd.DataFrame, path: Path, title: str) -> None:
-    """The headline metric and the many / medium / few groups side by side, std over seeds as error bars."""
+def group_bars_figure(a: pd.DataFrame, title: str):
+    """The headline metric and the many / medium / few groups side by side, std over seeds as error bars. A bar
+    without a std (one seed) has no error bar at all: never a zero-height one that reads as "no spread"."""
     plt = _plt()
     cols = [c for c in a["columns"].iloc[0] if c["key"] in (a["columns"].iloc[0][0]["key"], *GROUPS)]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(a) + 2), 4.5))
@@ -62,17 +63,37 @@ def group_bars(a: pd.DataFrame, path: Path, title: str) -> None:
     x = np.arange(len(a))
     for j, c in enumerate(cols):
         means = a[f"{c['key']}_mean"].to_numpy(dtype=float)
-        stds = np.nan_to_num(a[f"{c['key']}_std"].to_numpy(dtype=float))
+        stds = a[f"{c['key']}_std"].to_numpy(dtype=float)
         offset = (j - (len(cols) - 1) / 2) * width
-        ax.bar(x + offset, np.nan_to_num(means), width, yerr=stds, capsize=2, label=c["header"])
+        ax.bar(x + offset, np.nan_to_num(means), width, label=c["header"])
+        has = np.isfinite(stds) & np.isfinite(means)
+        if has.any():
+            ax.errorbar((x + offset)[has], means[has], yerr=stds[has], fmt="none", ecolor="black", capsize=2, lw=1)
     ax.set_xticks(x, a["label"], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(cols[0]["header"])
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def group_bars(a: pd.DataFrame, path: Path, title: str) -> None:
+    fig = group_bars_figure(a, title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
+
+
+def _integer_ticks(ax, n: int, *axes: str) -> None:
+    """Class indices as tick labels: every class up to 20, else whole numbers only (never 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for name in axes:
+        axis = getattr(ax, f"{name}axis")
+        if n <= 20:
+            axis.set_ticks(range(n))
+        else:
+            axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def read_confusion(run_dir: str) -> np.ndarray | None:
@@ -95,6 +116,14 @@ def confusion_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
             runs.append((f"{label} (seed {first['seed']})", cm / np.maximum(cm.sum(1, keepdims=True), 1)))
     if not runs:
         return False
+    fig = confusion_figure(runs, title)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return True
+
+
+def confusion_figure(runs: list[tuple[str, np.ndarray]], title: str):
+    """One panel per (label, row-normalised matrix); the axes are labelled with class indices."""
     plt = _plt()
     cols = min(len(runs), 4)
     rows = math.ceil(len(runs) / cols)
@@ -104,13 +133,13 @@ def confusion_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("predicted class (frequent -> rare)", fontsize=7)
         ax.set_ylabel("true class", fontsize=7)
+        _integer_ticks(ax, len(cm), "x", "y")
+        ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(runs) :]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of the true class")
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def pseudo_label_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
@@ -129,6 +158,7 @@ def pseudo_label_plot(g: pd.DataFrame, path: Path, title: str) -> bool:
         for j, (label, q) in enumerate(runs):
             x = np.arange(len(q[key]))
             ax.bar(x + (j - (len(runs) - 1) / 2) * width, np.nan_to_num(q[key]), width, label=label)
+        _integer_ticks(ax, max(len(q[key]) for _, q in runs), "x")
         ax.set_title(f"pseudo-label {key} per class (%)")
         ax.set_xlabel("class (frequent -> rare)")
         ax.grid(axis="y", alpha=0.3)

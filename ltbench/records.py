@@ -27,6 +27,24 @@ CLASSIFICATION_COLUMNS = [
 ]
 
 
+# The scalar fields of a completed record that the report reads, with their types (the lists, the columns and the
+# sub-records are checked below): every field the report sorts, groups or prints by is one of these.
+FIELDS: dict[str, tuple] = {
+    "dataset": (str,),
+    "seed": (int,),
+    "task": (str,),
+    "label": (str,),
+    "strategy": (str,),
+    "config_hash": (str,),
+    "split_hash": (str,),
+    "data_fingerprint": (str,),
+    "imbalance_ratio": ("number",),
+    "group_unit": (str,),
+    "finished_at": (str,),
+}
+REQUIRED = ("dataset", "seed")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isinf(v))
 
@@ -44,6 +62,10 @@ def _check_columns(d: dict) -> str | None:
     if not isinstance(cols, list) or not cols or not all(isinstance(c, dict) and "key" in c for c in cols):
         return "'columns' is not a list of metric columns"
     for c in cols:
+        bad = _check_type(c, "key", (str,), optional=False) or _check_type(c, "header", (str,))
+        if bad or not isinstance(c.get("higher_is_better", True), bool):
+            return f"'columns' has a malformed column ({c!r})"
+    for c in cols:
         v = d.get(c["key"])
         if v is not None and not _is_number(v):
             return f"metric '{c['key']}' is not a number ({v!r})"
@@ -53,16 +75,39 @@ def _check_columns(d: dict) -> str | None:
 
 
 def _check_lists(d: dict) -> str | None:
-    per, counts = d.get("per_class_acc", d.get("per_bin_mae")), d.get("train_class_counts")
-    if per is not None and (not isinstance(per, list) or not all(v is None or _is_number(v) for v in per)):
-        return "'per_class_acc' / 'per_bin_mae' is not a list of numbers"
-    if counts is not None and (not isinstance(counts, list) or not all(isinstance(v, int) for v in counts)):
+    for key in ("per_class_acc", "per_bin_mae"):
+        per = d.get(key)
+        if per is not None and (not isinstance(per, list) or not all(v is None or _is_number(v) for v in per)):
+            return f"'{key}' is not a list of numbers"
+    per, counts = d.get("per_class_acc"), d.get("train_class_counts")
+    if counts is not None and (not isinstance(counts, list) or not all(_is_int(v) for v in counts)):
         return "'train_class_counts' is not a list of integers"
     if per is not None and counts is not None and len(per) != len(counts):
         return f"'per_class_acc' has {len(per)} entries for {len(counts)} classes"
     sizes = d.get("group_sizes")
-    if sizes is not None and (not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values())):
+    if sizes is not None and (not isinstance(sizes, dict) or not all(_is_int(v) for v in sizes.values())):
         return "'group_sizes' is not a mapping of group to size"
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_nested(d: dict) -> str | None:
+    """The optional sub-records: stage 1's own test metrics, the pseudo-label quality of a semi-supervised run."""
+    stage1 = d.get("stage1") or {}
+    if not isinstance(stage1, dict) or not isinstance(stage1.get("test") or {}, dict):
+        return "'stage1' has the wrong type"
+    if _check_type(stage1.get("test") or {}, "top1", ("number",)):
+        return "'stage1' test top1 is not a number"
+    if not isinstance(d.get("base") or {}, dict):
+        return "'base' has the wrong type"
+    q = d.get("pseudo_labels")
+    if q is not None and not (
+        isinstance(q, dict) and all(isinstance(q.get(k), list) for k in ("precision", "recall"))
+    ):
+        return "'pseudo_labels' is not a mapping of precision and recall lists"
     return None
 
 
@@ -76,15 +121,11 @@ def problem(d: Any) -> str | None:
     if status != "completed":
         return None
     checks = [
-        _check_type(d, "dataset", (str,), optional=False),
-        _check_type(d, "label", (str,)) or _check_type(d, "strategy", (str,)),
+        *(_check_type(d, key, kinds, optional=key not in REQUIRED) for key, kinds in FIELDS.items()),
         None if d.get("label") or d.get("strategy") else "no method name ('label'/'strategy')",
-        _check_type(d, "seed", (int,), optional=False),
-        _check_type(d, "config_hash", (str,)),
-        _check_type(d, "imbalance_ratio", ("number",)),
         _check_columns(d),
         _check_lists(d),
-        None if isinstance(d.get("stage1") or {}, dict) else "'stage1' has the wrong type",
+        _check_nested(d),
     ]
     return next((c for c in checks if c), None)
 

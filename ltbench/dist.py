@@ -1,5 +1,5 @@
-"""Multi-process training with torch.distributed (launched by torchrun): process-group set-up, synchronised
-BatchNorm on any backend, and gathering of evaluation results.
+"""Multi-process training with torch.distributed (launched by torchrun, or by SLURM through submitit): process-group
+set-up, synchronised BatchNorm on any backend, and gathering of evaluation results.
 
 Every rank draws the same sampler stream and takes an interleaved shard of it (``samplers.shard``); a global batch
 of ``schedule.batch_size`` is split evenly across ranks; BatchNorm statistics are computed over the global batch;
@@ -32,13 +32,29 @@ class DistInfo:
 
 
 def from_env() -> DistInfo:
-    return DistInfo(
-        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    )
+    """This process's place: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else, inside a submitit job of several
+    SLURM tasks (hydra/launcher=submitit_slurm or slurm with tasks_per_node > 1), SLURM's SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID (what submitit.JobEnvironment reads); one process otherwise."""
+    env = os.environ
+    if "RANK" not in env and env.get("SUBMITIT_EXECUTOR") == "slurm" and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def _init_method(info: DistInfo) -> str:
+    """``env://`` under torchrun; in a SLURM job the first node of the job and a port drawn from the job id
+    (submitit.helpers.TorchDistributedEnvironment: the same on every task; $MASTER_PORT overrides it)."""
+    if "RANK" in os.environ:
+        return "env://"
+    from submitit.helpers import TorchDistributedEnvironment
+
+    d = TorchDistributedEnvironment()
+    return f"tcp://{d.master_addr}:{d.master_port}"
 
 
 def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); each rank gets its own GPU."""
+    """Join the process group of torchrun or of a SLURM job (nccl on CUDA, gloo on CPU); each rank gets its own
+    GPU."""
     info = from_env()
     if not info.enabled:
         return info, device
@@ -46,7 +62,8 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=_init_method(info), rank=info.rank, world_size=info.world_size)
     return info, device
 
 

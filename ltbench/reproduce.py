@@ -1,7 +1,10 @@
 """``ltbench reproduce <table>``: re-run a published table with its recipe and put ltbench's numbers beside the papers'.
 
 A table (``ltbench/published/<name>.yaml``) lists rows (a strategy preset, optional overrides) with the published
-value of each at each imbalance ratio, its source and how that source was checked. ``reproduce`` runs every row at
+value of each at each imbalance ratio (classification) or named setting (``settings:``, each a list of overrides;
+regression tables), its source and how that source was checked. A table names its ``metric`` (``top1``, the
+default, higher is better; ``mae`` / ``mse``, lower is better), and an entry may give the per-shot-group values
+(``many`` / ``medium`` / ``few``) beside the overall one. ``reproduce`` runs every row at
 every ratio it has a published number for, once per seed, as ordinary ``ltbench train`` processes (one crashed job
 does not stop the others), then writes ``reproduce.md`` / ``reproduce.csv``: mean ± std over seeds, the published
 value, the difference and the source.
@@ -37,7 +40,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ltbench.errors import ConfigError, LtbenchError
 from ltbench.rundir import atomic_write_json, atomic_write_text
 
-CONFIDENCE = ("checked", "secondary", "unchecked")
+# checked: read in the authors' repository; secondary: quoted by a second public source; unchecked: the paper's
+# table as recalled; measured: the reference code itself (or a transcription of it) run here, no paper number.
+CONFIDENCE = ("checked", "secondary", "unchecked", "measured")
+METRICS = {"top1": True, "mae": False, "mse": False}  # the metrics a table may compare: higher is better?
+GROUP_KEYS = ("many", "medium", "few")
 MANIFEST = "reproduce.json"
 
 
@@ -46,12 +53,18 @@ MANIFEST = "reproduce.json"
 
 @dataclass(frozen=True)
 class Published:
-    """One published number: top-1 accuracy (%) and how the source wrote it."""
+    """One published number in the table's metric (top-1 accuracy in %, or an error such as MAE), how the source
+    wrote it, and the per-shot-group values where the source gives them."""
 
-    top1: float
-    as_published: str  # "error 29.64" | "accuracy 77.32"
+    value: float
+    as_published: str  # "error 29.64" | "accuracy 77.32" | "mae 7.77"
     source: str
     confidence: str
+    groups: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def top1(self) -> float:  # the classification tables' name for the value
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class Row:
     label: str
     strategy: str
     overrides: tuple[str, ...]
-    published: dict[float, Published]
+    published: dict[Any, Published]  # by imbalance ratio (float) or setting name (str)
     note: str = ""
 
 
@@ -71,10 +84,31 @@ class Table:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     rows: tuple[Row, ...]
+    metric: str = "top1"
+    settings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, overrides); empty: keyed by imbalance ratio
+    tolerance: float = 1.0  # |ltbench - published| within it is marked as reproduced (in the metric's units)
 
     @property
-    def ratios(self) -> list[float]:
-        return sorted({r for row in self.rows for r in row.published}, reverse=True)
+    def ratios(self) -> list[Any]:
+        """The ratios (largest first) or, for a table of settings, the settings in the table's order."""
+        keys = {r for row in self.rows for r in row.published}
+        if self.settings:
+            return [name for name, _ in self.settings if name in keys]
+        return sorted(keys, reverse=True)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+    def key_overrides(self, key: Any) -> list[str]:
+        """The overrides that select a ratio or a setting."""
+        if self.settings:
+            return list(dict(self.settings)[key])
+        return [f"dataset.imbalance_ratio={key:g}"]
+
+
+def fmt_key(key: Any) -> str:
+    return f"{key:g}" if isinstance(key, (int, float)) else str(key)
 
 
 def list_tables() -> list[str]:
@@ -82,23 +116,37 @@ def list_tables() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
-def _published(entry: Any, where: str) -> tuple[float, Published]:
-    if not isinstance(entry, dict) or "ratio" not in entry or ("error" in entry) == ("accuracy" in entry):
-        raise ConfigError(f"{where}: each published entry needs a ratio and exactly one of error / accuracy")
+def _published(entry: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = ()) -> tuple[Any, Published]:
+    """One published entry: (its ratio or setting, the number); top-1 is given as ``error`` or ``accuracy`` (%), a
+    regression metric under its own name, with optional ``many`` / ``medium`` / ``few``."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each published entry is a mapping")
+    if (not settings and "ratio" not in entry) or (settings and entry.get("setting") not in settings):
+        want = f"a setting (one of {', '.join(settings)})" if settings else "a ratio"
+        raise ConfigError(f"{where}: each published entry needs {want}")
     if entry.get("confidence") not in CONFIDENCE or not entry.get("source"):
         raise ConfigError(f"{where}: each published entry needs a source and a confidence ({', '.join(CONFIDENCE)})")
+    key = entry["setting"] if settings else float(entry["ratio"])
+    groups = tuple((g, float(entry[g])) for g in GROUP_KEYS if entry.get(g) is not None)
+    if metric != "top1":
+        if not isinstance(entry.get(metric), (int, float)) or entry[metric] < 0:
+            raise ConfigError(f"{where}: each published entry needs its {metric} (a number >= 0)")
+        value = float(entry[metric])
+        return key, Published(value, f"{metric} {value:g}", entry["source"], entry["confidence"], groups)
+    if ("error" in entry) == ("accuracy" in entry):
+        raise ConfigError(f"{where}: each published entry needs a ratio and exactly one of error / accuracy")
     kind = "error" if "error" in entry else "accuracy"
     value = float(entry[kind])
     if not 0 <= value <= 100:
         raise ConfigError(f"{where}: {kind} {value} is not a percentage")
     top1 = 100.0 - value if kind == "error" else value
-    return float(entry["ratio"]), Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"])
+    return key, Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"], groups)
 
 
-def _row(d: Any, where: str) -> Row:
+def _row(d: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = ()) -> Row:
     if not isinstance(d, dict) or not d.get("strategy") or not d.get("published"):
         raise ConfigError(f"{where}: each row needs a strategy and published values")
-    pub = dict(_published(e, f"{where} ({d['strategy']})") for e in d["published"])
+    pub = dict(_published(e, f"{where} ({d['strategy']})", metric, settings) for e in d["published"])
     return Row(str(d.get("label", d["strategy"])), str(d["strategy"]), tuple(d.get("overrides") or ()), pub,
                " ".join(str(d.get("note", "")).split()))  # fmt: skip
 
@@ -112,9 +160,14 @@ def load_table(name: str) -> Table:
     where = f"ltbench/published/{name}.yaml"
     if not isinstance(d, dict) or d.get("name") != name or not d.get("rows") or not d.get("dataset"):
         raise ConfigError(f"{where}: needs name: {name}, a dataset and rows")
-    rows = tuple(_row(r, where) for r in d["rows"])
+    metric = str(d.get("metric", "top1"))
+    if metric not in METRICS:
+        raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    settings = tuple((str(k), tuple(v or ())) for k, v in (d.get("settings") or {}).items())
+    rows = tuple(_row(r, where, metric, tuple(k for k, _ in settings)) for r in d["rows"])
     return Table(name, str(d.get("title", name)), str(d["dataset"]), tuple(int(s) for s in d.get("seeds", [0])),
-                 tuple(d.get("overrides") or ()), rows)  # fmt: skip
+                 tuple(d.get("overrides") or ()), rows, metric, settings,
+                 float(d.get("tolerance", 1.0)))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -123,7 +176,7 @@ def load_table(name: str) -> Table:
 @dataclass
 class Job:
     row: Row
-    ratio: float
+    ratio: Any  # the imbalance ratio, or the setting's name
     seed: int
     overrides: list[str]  # the ltbench train overrides, without the run directory
     config_hash: str
@@ -136,7 +189,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"{self.row.label} @ {self.ratio:g}, seed {self.seed}"
+        return f"{self.row.label} @ {fmt_key(self.ratio)}, seed {self.seed}"
 
     def cost(self, stage1_cached: bool) -> int:
         """Epochs this job will train (the unit of the ETA); a post-hoc stage counts as one."""
@@ -151,7 +204,7 @@ def _quote(value: str) -> str:
 
 
 def plan(
-    table: Table, out: Path, extras: list[str], seeds: list[int] | None = None, ratios: list[float] | None = None,
+    table: Table, out: Path, extras: list[str], seeds: list[int] | None = None, ratios: list[Any] | None = None,
     rows: list[str] | None = None,
 ) -> list[Job]:  # fmt: skip
     """Every (row, ratio, seed) job, in an order that lets decoupled rows reuse a stage 1 trained once."""
@@ -171,7 +224,7 @@ def plan(
                 if ratio not in row.published or (rows and row.strategy not in rows):
                     continue
                 for seed in table.seeds if seeds is None else seeds:
-                    ov = [*table.overrides, f"dataset={table.dataset}", f"dataset.imbalance_ratio={ratio:g}",
+                    ov = [*table.overrides, f"dataset={table.dataset}", *table.key_overrides(ratio),
                           f"strategy={row.strategy}", *row.overrides, f"seed={seed}", *extras,
                           f"results_dir={_quote(str(out))}"]  # fmt: skip
                     try:
@@ -179,7 +232,7 @@ def plan(
                     except LtbenchError:
                         raise
                     except Exception as e:  # Hydra's composition errors: one line
-                        raise ConfigError(f"{row.strategy} at ratio {ratio:g}: {str(e).splitlines()[0]}") from e
+                        raise ConfigError(f"{row.strategy} at {fmt_key(ratio)}: {str(e).splitlines()[0]}") from e
                     h = config_hash(cfg)
                     run_dir = out / "runs" / data_tag(cfg) / cfg.strategy / f"{h[:8]}_seed{seed}"
                     s2 = getattr(getattr(cfg.classifier, "schedule", None), "epochs", 0)
@@ -258,6 +311,7 @@ class Executor:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     extra: list[str] = field(default_factory=list)  # runtime settings for every job (num_threads, progress)
     poll_s: float = 1.0
+    metric: str = "top1"  # what a finished job's line shows
 
     def __post_init__(self) -> None:
         self.produced = {j.group for j in self.jobs if j.group and j.status == "done"}
@@ -309,10 +363,10 @@ class Executor:
             job.status = "done"
             if job.group:
                 self.produced.add(job.group)
-            top1 = (d or {}).get("top1")
-            msg = (
-                f"[green]done[/] {job.name}: top-1 {top1:.2f}" if isinstance(top1, (int, float)) else f"done {job.name}"
-            )
+            value = (d or {}).get(self.metric)
+            name = "top-1" if self.metric == "top1" else self.metric.upper()
+            msg = f"[green]done[/] {job.name}: {name} {value:.3g}" if isinstance(value, (int, float)) else \
+                f"done {job.name}"  # fmt: skip
             self.console.print(f"{msg} ({_duration(job.wall_s)})", soft_wrap=True)
         else:
             job.status = "failed"
@@ -385,10 +439,21 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _group_value(d: dict[str, Any], key: str, metric: str) -> Any:
+    """A record's value of ``metric`` overall (``key`` = the metric) or in a shot group: a record's top-level
+    ``many`` / ``medium`` / ``few`` are top-1 (classification) or MAE (regression); a regression record's other
+    group errors are in ``group_errors``."""
+    if key == metric or metric in ("top1", "mae"):
+        return d.get(key)
+    return ((d.get("group_errors") or {}).get(key) or {}).get(metric)
+
+
 def compare(table: Table, jobs: list[Job]) -> list[dict[str, Any]]:
-    """One line per (ratio, row): ltbench's mean ± std over the completed seeds beside the published number."""
+    """One line per (ratio or setting, row): ltbench's mean ± std over the completed seeds of the table's metric and
+    of each shot group, beside the published numbers; ``delta`` = ltbench - published (overall)."""
     out = []
-    for ratio in sorted({j.ratio for j in jobs}, reverse=True):
+    planned = {j.ratio for j in jobs}
+    for ratio in [k for k in table.ratios if k in planned]:
         for row in table.rows:
             mine = [j for j in jobs if j.ratio == ratio and j.row is row]
             if not mine:
@@ -396,13 +461,13 @@ def compare(table: Table, jobs: list[Job]) -> list[dict[str, Any]]:
             recs = [d for j in mine for d, reason in [read_record(j.run_dir)] if reason is None and d]
             line: dict[str, Any] = {"ratio": ratio, "label": row.label, "strategy": row.strategy,
                                     "seeds": len(recs), "planned": len(mine)}  # fmt: skip
-            for key in ("top1", "many", "medium", "few"):
-                vals = [float(d[key]) for d in recs if isinstance(d.get(key), (int, float))]
-                line[f"{key}_mean"], line[f"{key}_std"] = _stats(vals)
+            for key in (table.metric, *GROUP_KEYS):
+                vals = [v for d in recs if isinstance(v := _group_value(d, key, table.metric), (int, float))]
+                line[f"{key}_mean"], line[f"{key}_std"] = _stats([float(v) for v in vals])
             pub = row.published[ratio]
-            line.update(published=pub.top1, as_published=pub.as_published, source=pub.source,
-                        confidence=pub.confidence, note=row.note)  # fmt: skip
-            line["delta"] = line["top1_mean"] - pub.top1 if recs else math.nan
+            line.update(published=pub.value, as_published=pub.as_published, source=pub.source,
+                        confidence=pub.confidence, note=row.note, published_groups=dict(pub.groups))  # fmt: skip
+            line["delta"] = line[f"{table.metric}_mean"] - pub.value if recs else math.nan
             line["epochs"] = sorted({int(d.get("epochs_completed", 0)) for d in recs})
             line["wall_s"] = sum(float(d.get("wall_time_s") or 0) for d in recs)
             line["missing"] = [f"seed {j.seed}: {read_record(j.run_dir)[1]}" for j in mine if j.status != "done"
@@ -411,31 +476,50 @@ def compare(table: Table, jobs: list[Job]) -> list[dict[str, Any]]:
     return out
 
 
-def _pm(mean: float, std: float) -> str:
+def _pm(mean: float, std: float, digits: int = 2) -> str:
     if math.isnan(mean):
         return "—"
-    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _intro(table: Table) -> str:
+    conf = ("Confidence: checked (the authors' repository), secondary (quoted by another source), unchecked (the "
+            "paper's table, not readable here), measured (the reference code run here; no paper number).")  # fmt: skip
+    if table.metric == "top1":
+        return (f"`ltbench reproduce {table.name}`: test top-1 accuracy (%) at the final epoch, mean ± std over seeds "
+                "(sample std), beside the published number (converted to accuracy where the paper gives the error). "
+                f"Δ = ltbench − published; ✓ within {table.tolerance:g} point. {conf}")  # fmt: skip
+    return (f"`ltbench reproduce {table.name}`: test {table.metric.upper()} at the final epoch (lower is better), "
+            "overall and per shot group of label bins, mean ± std over seeds (sample std); the published value in "
+            f"parentheses where the source gives it. Δ = ltbench − published (overall); ✓ within {table.tolerance:g}."
+            f" {conf}")  # fmt: skip
+
+
+def _cell(x: dict[str, Any], key: str, digits: int) -> str:
+    pub = x.get("published_groups", {}).get(key)
+    return _pm(x[f"{key}_mean"], x[f"{key}_std"], digits) + ("" if pub is None else f" ({pub:.{digits}f})")
 
 
 def to_markdown(table: Table, lines: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    md = [f"# {table.title}", "",
-          f"`ltbench reproduce {table.name}`: test top-1 accuracy (%) at the final epoch, mean ± std over seeds "
-          "(sample std), beside the published number (converted to accuracy where the paper gives the error). "
-          "Δ = ltbench − published; ✓ within 1 point. Confidence: checked (the authors' repository), secondary "
-          "(quoted by another source), unchecked (the paper's table, not readable here).", "",
+    m, digits = table.metric, 2 if table.metric in ("top1", "mae") else 3
+    col, what = ("setting", "setting") if table.settings else ("ratio", "ratio")
+    metric = "top-1" if m == "top1" else m.upper()
+    md = [f"# {table.title}", "", _intro(table), "",
           f"Epochs run: {meta['epochs']}; device: {meta['device']}; runs: {meta['runs']}; "
           f"training time (sum over runs): {_duration(meta['wall_s'])}; ltbench {meta['version']} ({meta['git']}).",
-          "", "| ratio | method | ltbench top-1 (seeds) | many | medium | few | published | Δ | confidence | source |",
+          "", f"| {col} | method | ltbench {metric} (seeds) | many | medium | few | published | Δ | confidence "
+          "| source |",
           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in lines:
-        ok = "" if math.isnan(x["delta"]) else (" ✓" if abs(x["delta"]) <= 1 else " ✗")
-        delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.2f}{ok}"
-        md.append(f"| {x['ratio']:g} | {x['label']} | {_pm(x['top1_mean'], x['top1_std'])} ({x['seeds']}/"
-                  f"{x['planned']}) | {_pm(x['many_mean'], x['many_std'])} | {_pm(x['medium_mean'], x['medium_std'])}"
-                  f" | {_pm(x['few_mean'], x['few_std'])} | {x['published']:.2f} ({x['as_published']}) | {delta} | "
+        ok = "" if math.isnan(x["delta"]) else (" ✓" if abs(x["delta"]) <= table.tolerance else " ✗")
+        delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.{digits}f}{ok}"
+        md.append(f"| {fmt_key(x['ratio'])} | {x['label']} | {_pm(x[f'{m}_mean'], x[f'{m}_std'], digits)} "
+                  f"({x['seeds']}/{x['planned']}) | {_cell(x, 'many', digits)} | {_cell(x, 'medium', digits)} | "
+                  f"{_cell(x, 'few', digits)} | {x['published']:.{digits}f} ({x['as_published']}) | {delta} | "
                   f"{x['confidence']} | {x['source']} |")  # fmt: skip
-    notes = [f"- **{x['label']}** (ratio {x['ratio']:g}): {x['note']}" for x in lines if x["note"]]
-    missing = [f"- {x['label']} (ratio {x['ratio']:g}): {'; '.join(x['missing'])}" for x in lines if x["missing"]]
+    notes = [f"- **{x['label']}** ({what} {fmt_key(x['ratio'])}): {x['note']}" for x in lines if x["note"]]
+    missing = [f"- {x['label']} ({what} {fmt_key(x['ratio'])}): {'; '.join(x['missing'])}" for x in lines
+               if x["missing"]]  # fmt: skip
     if notes:
         md += ["", "Why a row may differ from its published number:", "", *dict.fromkeys(notes)]
     if missing:
@@ -443,12 +527,12 @@ def to_markdown(table: Table, lines: list[dict[str, Any]], meta: dict[str, Any])
     return "\n".join(md) + "\n"
 
 
-def to_csv(lines: list[dict[str, Any]]) -> str:
+def to_csv(lines: list[dict[str, Any]], metric: str = "top1") -> str:
     import csv
     import io
 
-    keys = ["ratio", "strategy", "label", "seeds", "planned", "top1_mean", "top1_std", "many_mean", "medium_mean",
-            "few_mean", "published", "as_published", "delta", "confidence", "source"]  # fmt: skip
+    keys = ["ratio", "strategy", "label", "seeds", "planned", f"{metric}_mean", f"{metric}_std", "many_mean",
+            "medium_mean", "few_mean", "published", "as_published", "delta", "confidence", "source"]  # fmt: skip
     buf = io.StringIO()
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -462,7 +546,7 @@ def _meta(jobs: list[Job]) -> dict[str, Any]:
     from ltbench.results import git_revision
 
     recs = [d for j in jobs for d, reason in [read_record(j.run_dir)] if reason is None and d]
-    epochs = sorted({int(d.get("epochs_completed", 0)) for d in recs}) or ["—"]
+    epochs: list[int] | list[str] = sorted({int(d.get("epochs_completed", 0)) for d in recs}) or ["—"]
     devices = sorted({str(d.get("device", "?")) for d in recs}) or ["—"]
     return {"epochs": ", ".join(map(str, epochs)), "device": ", ".join(devices), "runs": f"{len(recs)}/{len(jobs)}",
             "wall_s": sum(float(d.get("wall_time_s") or 0) for d in recs), "version": ltbench.__version__,
@@ -481,15 +565,17 @@ def write_report(table: Table, jobs: list[Job], out: Path, console: Console) -> 
 
     lines = compare(table, jobs)
     atomic_write_text(out / "reproduce.md", to_markdown(table, lines, _meta(jobs)))
-    atomic_write_text(out / "reproduce.csv", to_csv(lines))
-    t = RichTable(title=f"{table.title}: top-1 %, mean ± std over seeds")
-    for col in ("ratio", "method", "ltbench", "published", "Δ", "confidence"):
+    atomic_write_text(out / "reproduce.csv", to_csv(lines, table.metric))
+    m, digits = table.metric, 2 if table.metric in ("top1", "mae") else 3
+    t = RichTable(title=f"{table.title}: {'top-1 %' if m == 'top1' else m.upper()}, mean ± std over seeds")
+    for col in ("setting" if table.settings else "ratio", "method", "ltbench", "published", "Δ", "confidence"):
         t.add_column(col)
     for x in lines:
-        delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.2f}"
-        style = "" if math.isnan(x["delta"]) else ("green" if abs(x["delta"]) <= 1 else "yellow")
-        t.add_row(f"{x['ratio']:g}", x["label"], f"{_pm(x['top1_mean'], x['top1_std'])} ({x['seeds']})",
-                  f"{x['published']:.2f}", f"[{style}]{delta}[/]" if style else delta, x["confidence"])  # fmt: skip
+        delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.{digits}f}"
+        style = "" if math.isnan(x["delta"]) else ("green" if abs(x["delta"]) <= table.tolerance else "yellow")
+        t.add_row(fmt_key(x["ratio"]), x["label"], f"{_pm(x[f'{m}_mean'], x[f'{m}_std'], digits)} ({x['seeds']})",
+                  f"{x['published']:.{digits}f}", f"[{style}]{delta}[/]" if style else delta,
+                  x["confidence"])  # fmt: skip
     Console().print(t)
     console.print(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.csv'}", soft_wrap=True)
     return lines
@@ -541,21 +627,34 @@ def _manifest(req: Request, out: Path) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
 
 
-def _show_plan(jobs: list[Job], console: Console) -> None:
+def _show_plan(jobs: list[Job], console: Console, out: Path | None = None) -> None:
+    """The runs, their status, the epochs each will train and its run directory. The directory is shown relative to
+    ``out`` (named once above the table) on the line under the run's name, in the one wide column, which folds
+    rather than cuts: an 80-column terminal still shows every directory whole (issue 23 item 8)."""
     from rich.table import Table as RichTable
 
+    def where(p: Path) -> str:
+        try:
+            return str(p.relative_to(out)) if out is not None else str(p)
+        except ValueError:
+            return str(p)
+
+    dirs = [where(j.run_dir) for j in jobs]
+    if out is not None:
+        console.print(f"run directories under {out}", soft_wrap=True)
     t = RichTable(title=f"{len(jobs)} runs")
-    for col in ("run", "status", "epochs to train", "stage 1", "run directory"):
-        t.add_column(col)
+    t.add_column("run / run directory", ratio=1, overflow="fold")
+    for col in ("status", "epochs", "stage 1"):
+        t.add_column(col, no_wrap=True, justify="right" if col == "epochs" else "left")
     seen = {j.group for j in jobs if j.group and j.status == "done"}
     total = 0
-    for j in jobs:
+    for j, d in zip(jobs, dirs):
         shared = j.group is not None and j.group in seen
         if j.group:
             seen.add(j.group)
         cost = 0 if j.status == "done" else j.cost(shared)
         total += cost
-        t.add_row(j.name, j.status, str(cost), "shared" if shared else "trained", str(j.run_dir))
+        t.add_row(f"{j.name}\n{d}", j.status, str(cost), "shared" if shared else ("trained" if j.group else "—"))
     console.print(t)
     console.print(f"{sum(j.status == 'done' for j in jobs)} of {len(jobs)} runs complete; {total} epochs to train")
 
@@ -574,7 +673,7 @@ def reproduce(req: Request, console: Console | None = None) -> int:
     for j in jobs:
         j.status = "done" if is_done(j) else ("partial" if j.run_dir.exists() else "pending")
     if req.dry_run:
-        _show_plan(jobs, console)
+        _show_plan(jobs, console, out)
         return 0
     if not req.report_only:
         out.mkdir(parents=True, exist_ok=True)
@@ -584,7 +683,7 @@ def reproduce(req: Request, console: Console | None = None) -> int:
         threads = [] if any(e.startswith("num_threads=") for e in req.extras) or req.jobs == 1 else \
             [f"num_threads={max(1, (os.cpu_count() or 1) // req.jobs)}"]  # fmt: skip
         try:
-            Executor(jobs, out, req.jobs, console, [*threads, "progress=false"]).run()
+            Executor(jobs, out, req.jobs, console, [*threads, "progress=false"], metric=table.metric).run()
         except KeyboardInterrupt:
             console.print(f"[yellow]interrupted[/]; continue with: ltbench reproduce {table.name} --resume "
                           f"--out {out}", soft_wrap=True)  # fmt: skip

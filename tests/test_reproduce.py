@@ -13,20 +13,62 @@ from test_e2e import ltbench
 
 from ltbench.errors import ConfigError
 from ltbench.presets import list_strategies
-from ltbench.reproduce import _published, list_tables, load_table, plan
+from ltbench.reproduce import _published, _show_plan, compare, list_tables, load_table, plan, to_markdown
+
+REGRESSION_TABLES = {"agedb_dir", "imdbwiki_dir", "stsb_dir", "bmse_synthetic"}
 
 
 def test_every_table_loads_and_every_number_has_a_source():
     strategies = {p.name for p in list_strategies()}
-    assert {"cifar10lt_ldam", "cifar100lt_ldam"} <= set(list_tables())
+    assert {"cifar10lt_ldam", "cifar100lt_ldam"} | REGRESSION_TABLES <= set(list_tables())
     for name in list_tables():
         t = load_table(name)
         assert t.seeds == (0, 1, 2) and t.rows
         for row in t.rows:
             assert row.strategy in strategies, f"{name}: no preset {row.strategy}"
-            for ratio, p in row.published.items():
-                assert ratio >= 1 and 0 < p.top1 < 100 and p.source and p.confidence in ("checked", "secondary",
-                                                                                          "unchecked")  # fmt: skip
+            for key, p in row.published.items():
+                assert p.source and p.confidence in ("checked", "secondary", "unchecked", "measured")
+                if t.metric == "top1":
+                    assert key >= 1 and 0 < p.top1 < 100
+                else:  # a regression error, its groups no smaller than zero, keyed by a setting of the table
+                    assert key in dict(t.settings) and p.value > 0 and all(v > 0 for _, v in p.groups)
+
+
+def test_regression_tables_compare_the_error_and_the_dir_numbers_of_the_readmes():
+    agedb = load_table("agedb_dir")
+    assert (agedb.metric, agedb.higher_is_better, agedb.ratios) == ("mae", False, ["dir"])
+    lds = next(r for r in agedb.rows if r.strategy == "lds").published["dir"]
+    # YyzHarry/imbalanced-regression agedb-dir/README.md, reproduced results (base SQINV): LDS 7.67 6.98 8.86 10.89
+    assert (lds.value, dict(lds.groups)) == (7.67, {"many": 6.98, "medium": 8.86, "few": 10.89})
+    assert lds.confidence == "checked" and lds.as_published == "mae 7.67"
+    stsb = load_table("stsb_dir")
+    assert stsb.metric == "mse" and next(r for r in stsb.rows if r.strategy == "fds").published["dir"].value == 0.916
+    imdb = load_table("imdbwiki_dir")
+    assert imdb.ratios == ["dir", "bmse"]
+    assert {r.strategy for r in imdb.rows if "bmse" in r.published} == {"bmse_gai", "bmse_bmc", "bmse_bni"}
+    with pytest.raises(ConfigError, match="needs its mae"):
+        _published({"setting": "dir", "error": 3, "source": "x", "confidence": "checked"}, "t.yaml", "mae", ("dir",))
+    with pytest.raises(ConfigError, match="needs a setting"):
+        _published({"ratio": 10, "mae": 3, "source": "x", "confidence": "checked"}, "t.yaml", "mae", ("dir",))
+
+
+def test_regression_plan_uses_the_settings_and_the_report_marks_lower_is_better(tmp_path, monkeypatch):
+    t = load_table("bmse_synthetic")
+    jobs = plan(t, tmp_path, [], seeds=[0], rows=["vanilla", "bmse_gai"])  # GAI: two rows (sigma fixed, learnt)
+    assert len(jobs) == 3 and len({j.run_dir for j in jobs}) == len(jobs)
+    assert all("dataset.y_sigma=0.5" in j.overrides for j in jobs)
+    lines = compare(t, jobs)  # nothing has run: every line is there, without numbers
+    md = to_markdown(t, lines, {"epochs": "—", "device": "—", "runs": "0/3", "wall_s": 0, "version": "x", "git": "y"})
+    assert "test MSE at the final epoch (lower is better)" in md and "| setting | method | ltbench MSE (seeds) |" in md
+    assert md.count("| normal_0.5 |") == 3 and "| — (0/1) |" in md
+    # a finished run: the groups of an MSE table are the groups' MSE (group_errors), not the record's group MAE
+    rec = {"status": "completed", "config_hash": jobs[0].config_hash, "mse": 5.0, "many": 0.4,
+           "group_errors": {g: {"mae": 9.0, "mse": m} for g, m in (("many", 0.2), ("medium", 0.9), ("few", 6.5))}}
+    jobs[0].run_dir.mkdir(parents=True)
+    (jobs[0].run_dir / "metrics.json").write_text(json.dumps(rec))
+    monkeypatch.setattr("ltbench.records.problem", lambda d: None)  # a hand-written record, not a full one
+    first = compare(t, jobs)[0]
+    assert (first["mse_mean"], first["many_mean"], first["few_mean"]) == (5.0, 0.2, 6.5)
 
 
 def test_the_cao_et_al_numbers_of_the_issue_are_the_table_converted_to_accuracy():
@@ -88,6 +130,24 @@ def test_the_plan_shares_stage_1_among_decoupled_rows_and_fixes_run_directories(
     assert by["ce", 0].config_hash == by["ce", 1].config_hash != by["focal", 0].config_hash  # the seed is not in it
     assert by["ce", 0].run_dir == tmp_path / "runs" / "cifar10lt_ir100" / "ce" / f"{by['ce', 0].config_hash[:8]}_seed0"
     assert by["lws", 0].cost(stage1_cached=True) == 10 and by["posthoc_la", 0].cost(stage1_cached=True) == 1
+
+
+def test_dry_run_shows_every_run_directory_whole_at_80_columns(tmp_path):
+    """Issue 23 item 8: at COLUMNS=80 the run-directory column was cut to nothing."""
+    import io
+
+    from rich.console import Console
+
+    out = tmp_path / "repro"
+    jobs = plan(load_table("cifar10lt_ldam"), out, [], seeds=[0], ratios=[100], rows=["ce", "cb_sigmoid_focal"])
+    buf = io.StringIO()
+    _show_plan(jobs, Console(file=buf, width=80), out)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines() if "│" in line or "┃" in line) <= 80
+    first = "".join(line.split("│")[1].strip() for line in text.splitlines() if line.count("│") > 2)
+    for j in jobs:  # whole, in the first column (a folded path continues on the next line of the cell)
+        assert str(j.run_dir.relative_to(out)) in first
+    assert "seed 0" in first and str(out) in text
 
 
 @pytest.fixture(scope="module")

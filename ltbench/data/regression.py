@@ -106,7 +106,9 @@ def regression_data(
 class SyntheticDIRConfig(RegressionDatasetConfig):
     """The 1-D benchmark of Balanced MSE (Ren et al. 2022, jiawei-ren/BalancedMSE synthetic_benchmark/main_1d.py):
     y = x + N(0, noise_sigma^2); training targets from N(5, y_sigma) (``dist=normal``) or Exp(exp_rate)
-    (``dist=exp``) kept inside [0, 10]; validation and test targets uniform on [0, 10] and noise-free (x = y)."""
+    (``dist=exp``) kept inside [0, 10]; validation and test targets uniform on [0, 10] and noise-free (x = y).
+    ``prior_targets``: 10,000 draws of the (untrimmed) training law, what the reference's ``get_gmm`` (utils.py)
+    fits GAI's Gaussian mixture to; drawn after the splits, so the splits do not depend on them."""
 
     name: str = "synthetic_dir"
     dist: str = "normal"  # normal | exp
@@ -143,4 +145,7 @@ def synthetic_dir(cfg: SyntheticDIRConfig, workdir, holdout: bool = False) -> LT
     x = {k: torch.as_tensor(v, dtype=torch.float32)[:, None] for k, v in (("train", x_train), ("val", y_val),
                                                                           ("test", y_test))}  # fmt: skip
     y = {"train": y_train, "val": y_val, "test": y_test}
-    return regression_data(cfg, x, y, np.arange(cfg.num_train), root="(generated)")
+    data = regression_data(cfg, x, y, np.arange(cfg.num_train), root="(generated)")
+    law = rng.normal(5.0, cfg.y_sigma, 10_000) if cfg.dist == "normal" else rng.exponential(1.0 / cfg.exp_rate, 10_000)
+    data.prior_targets = torch.as_tensor(law, dtype=torch.float32)  # type: ignore[attr-defined]
+    return data

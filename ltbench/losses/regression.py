@@ -10,13 +10,19 @@ re-weightings of regression (:mod:`ltbench.methods.dir`) scale their weights to 
 - ``bmse``: Balanced MSE (Ren et al. 2022, jiawei-ren/BalancedMSE ``balanaced_mse.py``): GAI (a Gaussian mixture prior
   fitted to the training targets), BMC (batch Monte-Carlo over the batch's targets) and BNI (numerical integration
   over the label bins), with the noise scale sigma fixed or learnt; each ends by multiplying by ``2 sigma^2``
-  (detached), which restores the MSE scale.
+  (detached), which restores the MSE scale. BNI's bucket of label bin k sits at the bin's start (``get_bucket_info``
+  of imdb-wiki-dir/datasets.py: the integer age k; ``bucket_centers=midpoint``: k + width / 2). Settings left null
+  take the reference's value for the dataset at compose time (:data:`BMSE_REFERENCE`): the DIR code
+  (imdb-wiki-dir/train.py, preprocess_gmm.py) fits 8 components to the training labels and learns sigma at lr 0.01;
+  the synthetic benchmark (synthetic_benchmark/main_1d.py) fits 1 component (``dist=normal``) or 64 (``exp``) to
+  10,000 draws of the generating distribution (``gmm_prior=generator``) and learns sigma at lr 0.001.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +32,6 @@ from ltbench.config import LossConfig
 from ltbench.errors import ConfigError
 from ltbench.losses import LOSSES, LTLoss, batch_mean
 from ltbench.optim import ParamGroup
-
-
-def _check_regression(root, name: str) -> None:
-    if root.task.name != "regression":
-        raise ConfigError(f"loss={name} is a regression loss (task={root.task.name}); add task=regression")
 
 
 class RegressionLoss(LTLoss):
@@ -60,9 +61,8 @@ class RegressionLoss(LTLoss):
 @dataclass
 class MSEConfig(LossConfig):
     name: str = "mse"
-
-    def check(self, root) -> None:
-        _check_regression(root, self.name)
+    tasks = ("regression",)
+    hint = "add task=regression (or use a classification loss: ce, focal, ldam, ...)"
 
 
 @dataclass
@@ -168,51 +168,89 @@ def fit_gmm(x: torch.Tensor, k: int, iters: int = 200, reg: float = 1e-6) -> tup
     return weights.float(), means.float(), var.float()
 
 
+# The Balanced MSE reference's settings per dataset: (GMM components, GMM fitted to, sigma lr); "default" for the
+# DIR datasets (imdb-wiki-dir/preprocess_gmm.py --K 8 on the training labels, train.py --sigma_lr 1e-2).
+BMSE_REFERENCE: dict[str, Any] = {
+    "default": lambda ds: (8, "train", 0.01),
+    "synthetic_dir": lambda ds: (1 if ds.dist == "normal" else 64, "generator", 0.001),  # main_1d.py
+}
+
+
 @dataclass
 class BMSEConfig(LossConfig):
     name: str = "bmse"
     method: str = "gai"  # gai | bmc | bni
     noise_sigma: float = 1.0  # initial sigma, on the scale the model predicts (the reference: 1.0; RRT runs 10.0)
     learn_noise: bool = True  # sigma is a parameter trained with its own lr (not scheduled), as in the reference
-    sigma_lr: float = 0.01
-    gmm_components: int = 8  # GAI
+    sigma_lr: float | None = None  # null: the reference's for the dataset (0.01; synthetic_dir 0.001)
+    gmm_components: int | None = None  # GAI; null: the reference's (8; synthetic_dir 1 for dist=normal, 64 for exp)
+    gmm_prior: str | None = None  # GAI fitted to: train (the training targets) | generator (synthetic_dir's law)
+    bucket_centers: str = "label"  # BNI: label (bin k at its start, the reference) | midpoint (k + width / 2)
 
     def __post_init__(self) -> None:
         if self.method not in ("gai", "bmc", "bni"):
             raise ConfigError(f"loss.method must be gai, bmc or bni, got {self.method!r}")
-        if not (self.noise_sigma > 0 and self.sigma_lr >= 0 and self.gmm_components >= 1):
+        if not (self.noise_sigma > 0 and (self.sigma_lr or 0) >= 0 and (self.gmm_components or 1) >= 1):
             raise ConfigError("loss.noise_sigma must be > 0, loss.sigma_lr >= 0, loss.gmm_components >= 1")
+        if self.gmm_prior not in (None, "train", "generator") or self.bucket_centers not in ("label", "midpoint"):
+            raise ConfigError("loss.gmm_prior must be train or generator, loss.bucket_centers label or midpoint")
+
+    def resolve(self, dataset: Any) -> None:
+        """Fill the null settings with the reference's for the dataset (idempotent)."""
+        name = str(getattr(dataset, "name", ""))
+        k, prior, lr = BMSE_REFERENCE.get(name, BMSE_REFERENCE["default"])(dataset)
+        self.gmm_components = k if self.gmm_components is None else self.gmm_components
+        self.gmm_prior = prior if self.gmm_prior is None else self.gmm_prior
+        self.sigma_lr = lr if self.sigma_lr is None else self.sigma_lr
+        if self.gmm_prior == "generator" and name != "synthetic_dir":
+            raise ConfigError(f"loss.gmm_prior=generator needs dataset=synthetic_dir (dataset={name} has no known law)")
+
+    tasks = ("regression",)
+    hint = "add task=regression (or use a classification loss: ce, focal, ldam, ...)"
 
     def check(self, root) -> None:
-        _check_regression(root, self.name)
+        self.resolve(root.dataset)
         if root.reweight.name != "none":
             raise ConfigError("loss=bmse balances the loss itself: use it with reweight=none (as the reference)")
+
+
+def bucket_positions(centers: list[float], where: str) -> torch.Tensor:
+    """BNI's bucket positions from the bin midpoints: ``label``, the bin's start (the reference's integer label k
+    for one-year bins from 0); ``midpoint``, as they are. The bins are of equal width (``bin_edges``)."""
+    c = torch.as_tensor(centers, dtype=torch.float32)
+    if where == "midpoint" or len(c) < 2:
+        return c
+    return c - (c[1] - c[0]) / 2
 
 
 @LOSSES.register("bmse", BMSEConfig)
 class BalancedMSE(RegressionLoss):
     """Balanced MSE (Ren et al. 2022): the MSE of the balanced target distribution, GAI / BMC / BNI."""
 
-    def __init__(self, stats, method="gai", noise_sigma=1.0, learn_noise=True, sigma_lr=0.01, components=8) -> None:
+    def __init__(self, stats, method="gai", noise_sigma=1.0, learn_noise=True, sigma_lr=0.01, components=8,
+                 prior: str = "train", centers: str = "label") -> None:  # fmt: skip
         super().__init__(stats)
         self.method, self.sigma_lr = method, sigma_lr
         self.noise_sigma = nn.Parameter(torch.tensor(float(noise_sigma)), requires_grad=learn_noise)
         if method == "gai":
-            targets = getattr(stats, "targets", None)
+            targets = getattr(stats, "prior_targets" if prior == "generator" else "targets", None)
             if targets is None:
-                raise ConfigError("loss=bmse method=gai needs the training targets (a regression dataset)")
+                what = "draws of the generating law (synthetic_dir)" if prior == "generator" else "training targets"
+                raise ConfigError(f"loss=bmse method=gai needs the {what} of a regression dataset")
             for name, value in zip(("gmm_pi", "gmm_mu", "gmm_var"), fit_gmm(self.normalized(targets), components)):
                 self.register_buffer(name, value)
         if method == "bni":
             counts = torch.as_tensor(stats.counts, dtype=torch.float32)
             keep = counts > 0
-            centers = self.normalized(torch.as_tensor(stats.centers, dtype=torch.float32))
+            centers = self.normalized(bucket_positions(stats.centers, centers))
             self.register_buffer("bucket_centers", centers[keep])
             self.register_buffer("bucket_log_weights", (counts[keep] / counts[keep].sum()).log())
 
     @classmethod
     def from_config(cls, cfg, stats):
-        return cls(stats, cfg.method, cfg.noise_sigma, cfg.learn_noise, cfg.sigma_lr, cfg.gmm_components)
+        k, prior, lr = BMSE_REFERENCE["default"](None)  # a config that was not composed: the DIR settings
+        return cls(stats, cfg.method, cfg.noise_sigma, cfg.learn_noise, lr if cfg.sigma_lr is None else cfg.sigma_lr,
+                   cfg.gmm_components or k, cfg.gmm_prior or prior, cfg.bucket_centers)  # fmt: skip
 
     def param_groups(self) -> list[ParamGroup]:
         if not self.noise_sigma.requires_grad:

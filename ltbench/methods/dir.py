@@ -4,11 +4,23 @@ distribution smoothing.
 - ``reweight=sqinv`` / ``reweight=inv`` (with ``reweight.lds=true``: LDS): per-bin weights from the (smoothed) label
   density, as ``_prepare_weights`` of YyzHarry/imbalanced-regression: the training counts per bin are square-rooted
   (``sqinv``) or clipped to ``clip`` (``inv``; the AgeDB code clips to [5, 1000]), convolved with a symmetric kernel
-  (LDS) with zero padding, inverted, and scaled so that the mean weight over the training samples is 1.
+  (LDS) with zero padding, inverted, and scaled so that the mean weight over the training samples is 1. The ``inv``
+  counts are integers there, and ``scipy.ndimage.convolve1d`` returns the input's dtype: the smoothed counts are
+  truncated to integers (``lds_truncate=true``, the default; ``false`` keeps them in float, ltbench's earlier
+  variant, which a smoothing meant as a density estimate arguably wants). The square-rooted ``sqinv`` counts are
+  floats in the reference, so nothing is truncated there.
 - ``method=fds``: FDS. Per label bin, a running mean and variance (per feature dimension) of the features the
   regressor reads, updated at the end of every epoch with momentum; smoothed across bins with the same kind of kernel
   (normalised to sum 1, reflect padding); from ``start_smooth`` on, training features are re-calibrated:
-  ``(z - mu_b) * sqrt(clamp(var~_b / var_b, clip)) + mu~_b``. Evaluation uses the features as they are.
+  ``(z - mu_b) * sqrt(clamp(var~_b / var_b, clip)) + mu~_b``. Evaluation uses the features as they are. The
+  statistics are kept for the buckets ``bucket_start .. bucket_num - 1`` of the dataset's label bins: bins below
+  are pooled into the first, bins above into the last (the reference's ``bucket_start=3, bucket_num=100`` on AgeDB:
+  ages <= 3 in bucket 3, >= 99 in bucket 99).
+
+Settings left null take the reference's value for the dataset at compose time (``check``), so the record and the
+run's hash carry the value used (:data:`REFERENCE`): ``reweight.clip`` ([5, 1000] on AgeDB-DIR / IMDB-WIKI-DIR,
+none on STS-B-DIR, whose ``tasks.py`` does not clip), ``method.clip`` ([0.1, 10]; STS-B-DIR's ``util.py``: [0.5, 2])
+and ``method.bucket_start`` / ``bucket_num`` (AgeDB-DIR: 3 / 100; IMDB-WIKI-DIR: 0 / 100; else all the bins).
 
 Where ltbench's FDS differs from the reference code, on purpose: the statistics are those of the epoch's own
 (uncalibrated) features, accumulated on the device during the epoch (the reference makes a second pass over the
@@ -20,8 +32,8 @@ code leaves them at mean 0 and variance 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +45,9 @@ from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.methods import METHODS, Method, MethodConfig
 from ltbench.reweight import REWEIGHTS
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 KERNELS = ("gaussian", "triang", "laplace")
 
@@ -78,6 +93,24 @@ def fds_window(kernel: str, ks: int, sigma: float) -> np.ndarray:
     return w / w.sum()
 
 
+# The DIR reference's per-dataset settings (YyzHarry/imbalanced-regression): inverse-weight clip (agedb-dir and
+# imdb-wiki-dir datasets.py _prepare_weights; sts-b-dir tasks.py: none), FDS variance-ratio clip (utils.py
+# calibrate_mean_var: [0.1, 10]; sts-b-dir util.py: [0.5, 2]) and FDS buckets (train.py --bucket_start/--bucket_num:
+# 3 / 100 for AgeDB, 0 / 100 for IMDB-WIKI; sts-b-dir: 0 / 50, all its bins). Other datasets: no weight clip, FDS
+# clip [0.1, 10], every bin a bucket.
+REFERENCE: dict[str, dict[str, Any]] = {
+    "agedb_dir": {"inv_clip": [5.0, 1000.0], "fds_clip": [0.1, 10.0], "buckets": (3, 100)},
+    "imdbwiki_dir": {"inv_clip": [5.0, 1000.0], "fds_clip": [0.1, 10.0], "buckets": (0, 100)},
+    "stsb_dir": {"inv_clip": None, "fds_clip": [0.5, 2.0], "buckets": (0, None)},
+}
+_OTHER: dict[str, Any] = {"inv_clip": None, "fds_clip": [0.1, 10.0], "buckets": (0, None)}
+
+
+def reference_setting(dataset: str, key: str) -> Any:
+    """The DIR reference's ``key`` for ``dataset`` (see :data:`REFERENCE`)."""
+    return REFERENCE.get(dataset, _OTHER)[key]
+
+
 def _check_kernel(kernel: str, ks: int, sigma: float, what: str) -> None:
     if kernel not in KERNELS or ks < 1 or ks % 2 == 0 or not sigma > 0:
         raise ConfigError(f"{what}: kernel must be one of {KERNELS}, ks an odd number >= 1 and sigma > 0")
@@ -95,7 +128,9 @@ class DensityConfig(ReweightConfig):
     kernel: str = "gaussian"
     ks: int = 5
     sigma: float = 2.0
-    clip: list[float] | None = None  # inv: counts clipped to [lo, hi] before smoothing (AgeDB reference: [5, 1000])
+    # inv: counts clipped to [lo, hi] before smoothing; null: the reference's for the dataset (AgeDB: [5, 1000])
+    clip: list[float] | None = None
+    lds_truncate: bool = True  # inv + lds: smoothed counts truncated to integers, as the reference; false: float
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,9 +138,12 @@ class DensityConfig(ReweightConfig):
         if self.clip is not None and (len(self.clip) != 2 or self.clip[0] > self.clip[1]):
             raise ConfigError("reweight.clip is [low, high] (or null)")
 
+    tasks = ("regression",)  # it weights regression label bins
+    hint = "for classes use reweight=inverse or sqrt_inverse"
+
     def check(self, root: Any) -> None:
-        if root.task.name != "regression":
-            raise ConfigError(f"reweight={self.name} weights regression label bins; use inverse/sqrt_inverse here")
+        if self.clip is None and self.name == "inv":  # resolved once: a saved config keeps the value used
+            self.clip = reference_setting(root.dataset.name, "inv_clip")
 
 
 def density_weights(cfg: DensityConfig, counts: torch.Tensor) -> torch.Tensor:
@@ -114,6 +152,8 @@ def density_weights(cfg: DensityConfig, counts: torch.Tensor) -> torch.Tensor:
     v = np.sqrt(v) if cfg.name == "sqinv" else (np.clip(v, *cfg.clip) if cfg.clip is not None else v)
     if cfg.lds:  # scipy.ndimage.convolve1d(mode="constant"): zero padding; the window is symmetric
         v = np.convolve(v, lds_window(cfg.kernel, cfg.ks, cfg.sigma), mode="same")
+        if cfg.name == "inv" and cfg.lds_truncate:  # convolve1d of integer counts returns integers (C cast)
+            v = np.trunc(v)
     w = np.where(v > 0, 1.0 / np.where(v > 0, v, 1.0), 0.0)  # bins without density have no sample to weigh
     n = counts.double().numpy()
     w *= n.sum() / max((n * w).sum(), 1e-12)
@@ -136,16 +176,39 @@ class FDSConfig(MethodConfig):
     momentum: float = 0.9  # weight of the history in the running statistics
     start_update: int = 0  # first epoch (0-indexed) whose features update the statistics
     start_smooth: int = 1  # first epoch whose training features are calibrated
-    clip: list[float] = field(default_factory=lambda: [0.1, 10.0])  # variance ratio (STS-B reference: [0.5, 2])
+    # variance-ratio clip; null: the reference's for the dataset ([0.1, 10]; STS-B-DIR: [0.5, 2])
+    clip: list[float] | None = None
+    # the label bins that have statistics: bucket_start .. bucket_num - 1, bins outside pooled into the end buckets;
+    # null: the reference's for the dataset (AgeDB-DIR: 3 / 100; IMDB-WIKI-DIR: 0 / 100; else 0 / all the bins)
+    bucket_start: int | None = None
+    bucket_num: int | None = None
 
     def __post_init__(self) -> None:
         _check_kernel(self.kernel, self.ks, self.sigma, "method")
-        if not 0 <= self.momentum < 1 or len(self.clip) != 2 or not 0 < self.clip[0] <= self.clip[1]:
+        bad_clip = self.clip is not None and (len(self.clip) != 2 or not 0 < self.clip[0] <= self.clip[1])
+        if not 0 <= self.momentum < 1 or bad_clip:
             raise ConfigError("method.momentum must be in [0, 1) and method.clip [low, high] with 0 < low <= high")
+        start = self.bucket_start or 0
+        if start < 0 or (self.bucket_num is not None and self.bucket_num <= start):
+            raise ConfigError("method.bucket_start must be >= 0 and method.bucket_num > bucket_start (or null)")
+
+    def resolve(self, dataset: str, num_bins: int) -> None:
+        """Fill the null settings with the reference's for ``dataset`` (idempotent)."""
+        if self.clip is None:
+            self.clip = list(reference_setting(dataset, "fds_clip"))
+        start, num = reference_setting(dataset, "buckets")
+        if self.bucket_start is None:
+            self.bucket_start = start
+        if self.bucket_num is None:
+            self.bucket_num = num if num is not None else num_bins
+        if self.bucket_num <= self.bucket_start:
+            raise ConfigError(f"method.bucket_num ({self.bucket_num}) must be > method.bucket_start "
+                              f"({self.bucket_start})")  # fmt: skip
+
+    tasks = ("regression",)  # it smooths features over regression label bins
 
     def check(self, root: Any) -> None:
-        if root.task.name != "regression":
-            raise ConfigError("method=fds smooths features over regression label bins (task=regression)")
+        self.resolve(root.dataset.name, int(getattr(root.dataset, "num_bins", 0) or 0))
         if root.synth.name != "none":  # its step calibrates the features of the batch as it is: no mixed batches
             raise ConfigError(f"method=fds does not combine with synth={root.synth.name}")
 
@@ -208,7 +271,7 @@ class FDS(nn.Module):
         """(z - mu_b) * sqrt(clamp(var~_b / var_b)) + mu~_b per dimension where var_b > 0; z elsewhere."""
         m1, v1 = self.running_mean[bins], self.running_var[bins]
         m2, v2 = self.smoothed_mean[bins], self.smoothed_var[bins]
-        ratio = (v2 / v1.clamp(min=1e-12)).clamp(*self.cfg.clip)
+        ratio = (v2 / v1.clamp(min=1e-12)).clamp(*(self.cfg.clip or reference_setting("", "fds_clip")))
         out = (features.float() - m1) * ratio.sqrt() + m2
         return torch.where(v1 > 0, out, features.float()).to(features.dtype)
 
@@ -225,6 +288,16 @@ def _fill_empty(stats: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.where(use_left, idx[left], idx[right]), idx[right]
     t = ((pos - lo) / (hi - lo).clamp(min=1)).clamp(0, 1)[:, None].to(stats.dtype)
     return torch.where(filled[:, None], stats, stats[lo] * (1 - t) + stats[hi] * t)
+
+
+def bucket_map(bin_of: Any, start: int, num: int) -> Any:
+    """target -> FDS bucket index: the label bin clamped into ``start .. num - 1``, counted from ``start`` (the
+    reference's ``labels <= bucket_start`` / ``labels >= bucket_num - 1`` pooling, agedb-dir/fds.py)."""
+
+    def of(y: torch.Tensor) -> torch.Tensor:
+        return bin_of(y).clamp(start, num - 1) - start
+
+    return of
 
 
 class FDSNet(nn.Module):
@@ -244,10 +317,12 @@ class FDSNet(nn.Module):
 class FDSMethod(Method):
     """FDS on top of the supervised method of the stage (its loss, re-weighting and synthesis)."""
 
-    def __init__(self, cfg: FDSConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: FDSConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
-        self.cfg, self.base, self.bin_of = cfg, base, ctx.stats.bin_of
-        self.fds = FDS(cfg, model.feature_dim, ctx.stats.num_bins)
+        cfg.resolve(str(getattr(ctx.data, "name", "")), ctx.stats.num_bins)  # already resolved when composed
+        self.cfg, self.base = cfg, base
+        self.bin_of = bucket_map(ctx.stats.bin_of, int(cfg.bucket_start or 0), int(cfg.bucket_num or 1))
+        self.fds = FDS(cfg, model.feature_dim, int(cfg.bucket_num or 1) - int(cfg.bucket_start or 0))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return FDSNet(model, self.fds)

@@ -58,6 +58,14 @@ def binner(edges: torch.Tensor):
     return bin_of
 
 
+@dataclass
+class RegressionStats(LabelStats):
+    """The label statistics of a regression run; ``prior_targets``: draws of the law that generated the training
+    targets, where the dataset knows it (synthetic_dir: what Balanced MSE's synthetic GAI fits its prior to)."""
+
+    prior_targets: torch.Tensor | None = None
+
+
 @TASKS.register("regression", RegressionConfig)
 class Regression(Task):
     """Regression: float targets, one output, MAE/MSE/GM/Pearson overall and per shot group of label bins."""
@@ -72,7 +80,8 @@ class Regression(Task):
         center = float(y.mean()) if self.cfg.center is None else float(self.cfg.center)
         scale = float(y.std()) if self.cfg.scale is None else float(self.cfg.scale)
         centers = ((edges[:-1] + edges[1:]) / 2).tolist()
-        self.stats = LabelStats(counts_of(bin_of(y), data.num_bins), bin_of, centers, center, scale, data.train_y)
+        self.stats = RegressionStats(counts_of(bin_of(y), data.num_bins), bin_of, centers, center, scale, data.train_y,
+                                     getattr(data, "prior_targets", None))  # fmt: skip
         return self.stats
 
     def out_dim(self, data: Any) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ from ltbench.config import ClassifierConfig, ScheduleConfig
 from ltbench.errors import ConfigError
 from ltbench.registry import Registry
 from ltbench.tasks.classification import balanced_accuracy
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
+    from ltbench.methods import Method
 
 CLASSIFIERS: Registry[Any] = Registry("classifier", ClassifierConfig)
 
@@ -48,11 +52,13 @@ class RetrainConfig(ClassifierConfig):
     sampler: str = "class_balanced"  # any sampler without settings
     augment: bool = True  # the training augmentation of stage 1
 
+    def training_schedule(self) -> ScheduleConfig | None:
+        return self.schedule
+
     def check(self, root: Any) -> None:
         from ltbench.samplers import SAMPLERS
 
         SAMPLERS.get(self.sampler)
-        _check_classification(root, self.name)
 
 
 def _default_grid() -> list[float]:
@@ -64,7 +70,7 @@ class TauConfig(ClassifierConfig):
     """tau_norm / posthoc_la: tau chosen on the validation split from ``tau_grid``."""
 
     tau_grid: list[float] = field(default_factory=_default_grid)
-    selects_on_validation = True  # (a class attribute, not a setting): every class must be in the validation split
+    selects_on_validation = True  # every class must be in the validation split
 
     def check(self, root: Any) -> None:
         if not self.tau_grid:
@@ -73,7 +79,6 @@ class TauConfig(ClassifierConfig):
             raise ConfigError(
                 f"classifier={self.name} chooses tau on the validation split: set dataset.val_per_class > 0"
             )
-        _check_classification(root, self.name)
         if self.name == "tau_norm" and root.model.head != "linear":
             raise ConfigError("classifier=tau_norm needs a linear head (a cosine head has unit-norm class weights)")
 
@@ -81,14 +86,6 @@ class TauConfig(ClassifierConfig):
 @dataclass
 class NCMConfig(ClassifierConfig):
     name: str = "ncm"
-
-    def check(self, root: Any) -> None:
-        _check_classification(root, self.name)
-
-
-def _check_classification(root: Any, name: str) -> None:
-    if root.task.name != "classification":
-        raise ConfigError(f"classifier={name} is a classification method (task={root.task.name})")
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -225,14 +222,56 @@ class PostHoc:
     curve: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Retrain:
-    """crt / lws: the head to train on the frozen backbone."""
+class ClassifierMethod:
+    """What the classifier stage asks of a ``classifier=`` option; builders have the methods' signature
+    ``(cfg, ctx, model, base)`` (:data:`ltbench.methods.Builder`).
 
-    fits = True
-    needs: tuple[str, ...] = ()
+    Two kinds, declared by ``fits``:
 
-    def __init__(self, cfg: RetrainConfig) -> None:
+    - ``fits = True``: a head trained through the one loop on the stage-1 backbone: :meth:`head` makes it,
+      ``backbone_mode`` says what the backbone does meanwhile (``frozen``, ``shift_bn`` or ``finetune``, see
+      :class:`FrozenBackbone`), :meth:`method` gives the training method (default: plain cross-entropy), then
+      :meth:`chosen` what the record keeps and :meth:`outputs` the stage's final outputs where they are not
+      ``model(x)`` (None: they are);
+    - ``fits = False``: computed from the features of the splits in ``needs`` by :meth:`apply` (tau chosen on
+      validation, class means), no training.
+    """
+
+    fits: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any, ctx: StageContext | None = None, model: nn.Module | None = None,
+                 base: Method | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+
+    @property
+    def backbone_mode(self) -> str:
+        return "frozen"
+
+    def head(self, model: nn.Module, head_name: str, num_classes: int) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} trains (fits=True) but makes no head")
+
+    def method(self, ctx: StageContext, net: FrozenBackbone) -> Method:
+        """The method the head trains with: plain cross-entropy unless the option brings its own."""
+        from ltbench.losses.classification import CrossEntropy
+        from ltbench.methods.supervised import Supervised
+
+        return Supervised(CrossEntropy(ctx.stats), ctx.task)
+
+    def chosen(self, head: nn.Module) -> dict[str, Any]:
+        """What the stage's record keeps about the trained head."""
+        return {}
+
+    def outputs(self, ctx: StageContext, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(val/test outputs, notes for the record) where the final outputs are not ``model(x)``; None: they are."""
+        return None
+
+    def apply(self, model: nn.Module, feats: dict[str, torch.Tensor], data: Any, summarize_test) -> PostHoc:
+        raise NotImplementedError(f"{type(self).__name__} is computed from features (fits=False) but has no apply")
+
+
+class Retrain(ClassifierMethod):
+    """crt / lws: the head to train on the frozen backbone."""
 
     def head(self, model: nn.Module, head_name: str, num_classes: int) -> nn.Module:
         from ltbench.models.heads import build_head
@@ -267,14 +306,11 @@ def select_tau(
     return best_tau, curve
 
 
-class TauMethod:
+class TauMethod(ClassifierMethod):
     """tau_norm / posthoc_la: tau from the grid, chosen on validation."""
 
     fits = False
     needs = ("val", "test")
-
-    def __init__(self, cfg: TauConfig) -> None:
-        self.cfg = cfg
 
     def apply(self, model: nn.Module, feats: dict[str, torch.Tensor], data: Any, summarize_test) -> PostHoc:
         head = copy.deepcopy(model.head).cpu().float()
@@ -292,14 +328,11 @@ class TauMethod:
         return PostHoc(heads[tau], outputs, {"tau": tau}, curve)
 
 
-class NCMMethod:
+class NCMMethod(ClassifierMethod):
     """ncm: class means of normalised training features."""
 
     fits = False
     needs = ("train", "val", "test")
-
-    def __init__(self, cfg: NCMConfig) -> None:
-        self.cfg = cfg
 
     def apply(self, model: nn.Module, feats: dict[str, torch.Tensor], data: Any, summarize_test) -> PostHoc:
         head = NCMHead(class_means(feats["train"], data.train_y, data.num_classes))

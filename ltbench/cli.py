@@ -44,6 +44,7 @@ def _train_app() -> None:
     from omegaconf import DictConfig
 
     import ltbench.conf  # noqa: F401  (registers every component, its schema and the resolvers)
+    from ltbench.cluster import sweep_result
     from ltbench.errors import ConfigError, LtbenchError
     from ltbench.runner import Terminated, run
 
@@ -58,7 +59,9 @@ def _train_app() -> None:
             metrics = run(cfg, out_dir, overrides=overrides)
         except LtbenchError as e:
             if isinstance(e, ConfigError):
-                discard_unused_output_dir(out_dir, Path(str(cfg.get("results_dir", "results"))))
+                # up to the sweep's directory (which may lie outside results_dir) or the results directory
+                root = Path(str(hc.sweep.dir)) if multirun else Path(str(cfg.get("results_dir", "results")))
+                discard_unused_output_dir(out_dir, root)
             if multirun:
                 # Hydra marks the job failed, runs the others, and the sweep exits non-zero at the end.
                 logging.getLogger("ltbench").error("%s", e)
@@ -68,9 +71,138 @@ def _train_app() -> None:
             sys.exit(143)
         except KeyboardInterrupt:
             sys.exit(130)
-        return metrics.get("top1")
+        return sweep_result(metrics)  # the sweep objective (Optuna): a validation metric, never test
 
-    train()
+    _run_hydra_app(train)
+
+
+# Set beside HYDRA_FULL_ERROR when ltbench sets it, so a child ltbench process (a reproduction's runs) can tell it
+# from a user's own HYDRA_FULL_ERROR=1 (which keeps Hydra's full tracebacks).
+_FULL_ERROR_BY_LTBENCH = "LTBENCH_HYDRA_FULL_ERROR"
+
+
+def _run_hydra_app(app) -> None:
+    """Run a Hydra app with its errors raised to ltbench (Hydra's own ``HYDRA_FULL_ERROR`` switch), which prints a
+    config or file-system error as one ``error:`` line with exit 2, and anything else (a bug) as a traceback from the
+    job on, as Hydra does. A user's own ``HYDRA_FULL_ERROR=1`` is left alone: every error then comes in full."""
+    from ltbench.errors import ConfigError, LtbenchError
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_FULL_ERROR_BY_LTBENCH) != "1":
+        app()
+        return
+    saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _FULL_ERROR_BY_LTBENCH)}
+    os.environ.update({"HYDRA_FULL_ERROR": "1", _FULL_ERROR_BY_LTBENCH: "1"})
+    try:
+        app()
+    except LtbenchError as e:  # a job of a sweep (the others have run)
+        _error(str(e), e.exit_code)
+    except Exception as e:
+        line = hydra_error_line(e)
+        if line is not None:
+            _error(line, ConfigError.exit_code)
+        if isinstance(e, OSError):
+            _error(os_error_line(e), ConfigError.exit_code)
+        if _raised_by_hydra(e):  # Hydra's own check of its command line (``-m`` with ``--cfg``), before any job
+            _error(" ".join(str(e).split()), ConfigError.exit_code)
+        _print_job_traceback(e)
+        sys.exit(1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _raised_by_hydra(e: BaseException) -> bool:
+    """Raised in Hydra's own code, outside any job (no ``run_job`` frame on the way)."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    in_job = any(f.f_code.co_name == "run_job" for f in frames)
+    return bool(frames) and not in_job and f"{os.sep}hydra{os.sep}" in frames[-1].f_code.co_filename
+
+
+def _print_job_traceback(e: BaseException) -> None:
+    """The traceback of an unexpected error from the job's frames on (Hydra's frames above it left out)."""
+    import traceback
+
+    tb = e.__traceback__
+    walk = tb
+    while walk is not None and walk.tb_frame.f_code.co_name != "run_job":
+        walk = walk.tb_next
+    frames = traceback.extract_tb(walk.tb_next if walk is not None and walk.tb_next is not None else tb)
+    text = "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(e), e))
+    sys.stderr.write("Traceback (most recent call last):\n" + text)
+
+
+def _close(word: str, options: list[str], prefix: str = "", hint: str = "") -> str:
+    """`` (did you mean a, b?)`` from difflib's close matches; the options themselves when there are few."""
+    import difflib
+
+    matches = difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+    if matches:
+        return f" (did you mean {', '.join(prefix + m for m in matches)}?)"
+    if options and len(options) <= 12:
+        return f" (options: {', '.join(prefix + o for o in options)})"
+    return f"; {hint}" if hint else ""
+
+
+def hydra_error_line(e: BaseException) -> str | None:
+    """ltbench's one line for an error Hydra or OmegaConf raised composing a config (None for any other error):
+    an unknown option of a group, a misspelt key (both with the close matches), a wrong type, a parse error."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(e, MissingConfigException) and "/" in str(e.missing_cfg_file or ""):
+        group, name = str(e.missing_cfg_file).rsplit("/", 1)
+        lister = "`ltbench strategies`" if group == "strategy" else "`ltbench train --help`"
+        options = [o for o in e.options or [] if not o.endswith("_schema")]  # the schemas are not options
+        return f"unknown {group} {name!r}" + _close(name, options, hint=f"{lister} lists them")
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    parent, key, full = (getattr(cause, a, None) for a in ("parent_node", "key", "full_key"))
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and parent is not None and key is not None and full:
+        prefix = str(full)[: -len(str(key))]
+        where = f" in {prefix.rstrip('.')}" if prefix else ""
+        return f"unknown key {full!r}{where}" + _key_matches(str(key), parent, prefix)
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+    if cause is not e:
+        text += ": " + str(getattr(cause, "msg", cause)).splitlines()[0]
+    return text
+
+
+def _key_matches(key: str, node, prefix: str) -> str:
+    """Close matches of a misspelt key among the keys of its node, else among the keys one level down
+    (``lr`` -> ``schedule.lr``)."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    keys = [str(k) for k in node if str(k) != "hydra"]
+    found = _close(key, keys, prefix)
+    if "did you mean" in found:
+        return found
+    paths: dict[str, list[str]] = {}
+    for k in keys:
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_none():
+            for c in child:
+                paths.setdefault(str(c), []).append(f"{prefix}{k!s}.{c!s}")
+    leaves = difflib.get_close_matches(key, list(paths), n=3, cutoff=0.6)
+    if leaves:
+        return f" (did you mean {', '.join(p for leaf in leaves for p in paths[leaf][:3])}?)"
+    return found
+
+
+def os_error_line(e: OSError) -> str:
+    """A file-system error as one line: what could not be made or written, and why."""
+    what = f"cannot write {e.filename}" if e.filename else "cannot write the results"
+    why = e.strerror or str(e)
+    return f"{what}: {why}; choose a writable place with results_dir=<dir> (or hydra.run.dir / hydra.sweep.dir)"
 
 
 def _check_launch(cfg, hc, multirun: bool) -> None:
@@ -117,6 +249,8 @@ def _report(argv: list[str]) -> None:
         report(Path(args.dir), Path(args.out) if args.out else None, plots=not args.no_plots)
     except LtbenchError as e:
         _error(str(e), e.exit_code)
+    except OSError as e:  # a read-only results directory: write the report elsewhere
+        _error(f"cannot write {e.filename or 'the report'}: {e.strerror or e}; write it elsewhere with --out <dir>")
 
 
 def _strategies(argv: list[str]) -> None:
@@ -179,9 +313,109 @@ def _reproduce(argv: list[str]) -> None:
         code = reproduce(req, err_console)
     except LtbenchError as e:
         _error(str(e), e.exit_code)
+    except OSError as e:
+        _error(f"cannot write {e.filename or 'the reproduction'}: {e.strerror or e}; choose another --out <dir>")
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code)
+
+
+SWEEPER_NAME = "ltbench_job_overrides"
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def prepare_sweep(args: list[str]) -> list[str]:
+    """The ``ltbench train`` arguments with what a ``--multirun`` sweep needs added (no change without one):
+
+    - the keys that every job of the sweep sets alike (not swept) go to ``hydra.job.config.override_dirname.
+      exclude_keys``, Hydra's list of overrides that do not name a job's directory; ``ltbench.identity`` leaves the
+      execution settings among them (``progress=false``, ``results_dir=...``) out of the sweep's directory names,
+      while a swept one (``device=cpu,cuda``) still names its jobs apart;
+    - overrides that only the swept options accept are routed to the jobs (:func:`_route_refused`).
+    """
+    if not {"-m", "--multirun"} & set(args):
+        return args
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra reports a malformed override itself
+        return args
+    out = _route_refused(args, parsed)
+    fixed = sorted({o.key_or_group for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()})
+    if fixed and not any(a.lstrip("+").startswith(EXCLUDE_KEYS) for a in args):
+        out = _with_overrides(out, [f"{EXCLUDE_KEYS}=[{','.join(repr(k) for k in fixed)}]"])
+    return out
+
+
+def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
+    """``extra`` right after the last override: Hydra's parser takes the overrides as one run of words, so they
+    cannot follow a flag such as ``--cfg job``."""
+    at = max((i + 1 for i, a in enumerate(args) if "=" in a and not a.startswith("-")), default=len(args))
+    return [*args[:at], *extra, *args[at:]]
+
+
+def _route_refused(args: list[str], parsed: list) -> list[str]:
+    """``--multirun`` with a swept config group (``strategy=bmse_gai,bmse_bmc``) and a key that only the swept
+    options have (``loss.learn_noise=false``): Hydra composes the sweep's own config without the swept values and
+    refuses the key there, although every job has it (hydra issue #2888). Such overrides go to every job through the
+    basic sweeper's ``params`` instead, so each job's config is composed, and checked, with them as before.
+
+    Only the overrides that the sweep's config refuses are moved; a sweep with its own sweeper is left alone.
+    """
+    groups = set(_group_names())
+    if any(a.startswith("hydra/sweeper=") for a in args):
+        return list(args)
+    if not any(o.is_sweep_override() and o.key_or_group in groups for o in parsed):
+        return list(args)
+    plain = [o for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
+    moved = _refused_by_sweep_config(plain, groups)
+    if not moved:
+        return list(args)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeperConf
+    from hydra.core.config_store import ConfigStore
+
+    params = {o.key_or_group: o.input_line.split("=", 1)[1] for o in moved}
+    ConfigStore.instance().store(group="hydra/sweeper", name=SWEEPER_NAME, node=BasicSweeperConf(params=params))
+    lines = {o.input_line for o in moved}
+    return _with_overrides([a for a in args if a not in lines], [f"hydra/sweeper={SWEEPER_NAME}"])
+
+
+def _same_branch(a: str, b: str) -> bool:
+    """``loss.x`` and ``loss.x.y`` are on one branch of the config; ``loss.x`` and ``loss.xy`` are not."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _group_names() -> list[str]:
+    from ltbench.presets import group_options
+
+    return list(group_options())
+
+
+def _refused_by_sweep_config(plain: list, groups: set[str]) -> list:
+    """The plain ``group.key=value`` overrides that the config without the swept values refuses (one compose per
+    refused override, at most)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    candidates = [
+        o for o in plain if o.type == OverrideType.CHANGE and "." in o.key_or_group
+        and o.key_or_group.split(".")[0] in groups and "${" not in o.input_line
+    ]  # fmt: skip
+    moved: list = []
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        for _ in range(len(candidates)):
+            try:
+                compose("train", overrides=[o.input_line for o in plain if o not in moved])
+                break
+            except HydraException as e:
+                key = str(getattr(e.__cause__, "full_key", "") or "")
+                hit = [o for o in candidates if o not in moved and key and _same_branch(o.key_or_group, key)]
+                if not hit:
+                    break
+                moved.append(hit[-1])
+    return moved
 
 
 def _load_components() -> None:
@@ -220,8 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        sys.argv = [prog, *rest]
         _load_components()
+        sys.argv = [prog, *prepare_sweep(rest)]
         _train_app()
     elif cmd == "report":
         _report(rest)

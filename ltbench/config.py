@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -36,6 +36,8 @@ MARK = "ltbench_identity"
 # Fields added after runs were recorded: left out of every identity while they hold their default (``added``).
 OMIT_AT_DEFAULT = "ltbench_omit_at_default"
 MARKS = ("stage", "run", "replicate", "none")
+TASKS = ("classification", "regression")
+INPUT_KINDS = ("images", "features", "text")  # what a dataset gives (DatasetConfig.inputs)
 # torch.compile modes (``compile=``); "none": eager. "true"/"false" (a YAML bool) mean "default"/"none".
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -187,14 +189,38 @@ class AugmentConfig:
 
 
 @dataclass
-class TaskConfig:
+class Component:
+    """Base of every option's schema. Class attributes (declarations, not settings) say what the option accepts;
+    :func:`check_capabilities` compares them with the run once, when the config is composed, so no component tests
+    task or input names itself, and a refusal is one line naming the options that would fit.
+
+    - ``tasks``: the tasks it works for; ``reads``: the dataset input kinds it accepts (``INPUT_KINDS``);
+    - ``selects_on_validation``: it chooses something on the validation split (every class must be in it);
+    - ``label_suffix``: how a pre-training or semi-supervised option is named in labels (None: ``+<name>``);
+    - ``hint``: appended to a capability refusal (what to use instead).
+    Cross-section rules beyond these go in :meth:`check`.
+    """
+
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+    reads: ClassVar[tuple[str, ...]] = INPUT_KINDS
+    selects_on_validation: ClassVar[bool] = False
+    label_suffix: ClassVar[str | None] = None
+    hint: ClassVar[str] = ""
+
+    def check(self, root: Any) -> None:
+        """Rules on the whole config beyond the declared capabilities; raise ConfigError (one line)."""
+
+
+
+@dataclass
+class TaskConfig(Component):
     """What is predicted: ``classification`` or ``regression`` (ltbench.tasks)."""
 
     name: str = MISSING
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Component):
     """Base of every dataset schema (ltbench.data). ``root`` None: $LTBENCH_DATA if set, else ./data.
 
     Class attributes (not settings) say what the dataset gives: ``task`` (classification | regression) and
@@ -220,9 +246,17 @@ class DatasetConfig:
         if self.val_per_class < 0:
             raise ConfigError("dataset.val_per_class must be >= 0")
 
+    def imbalance_setting(self) -> tuple[bool, float | None]:
+        """(whether the dataset has an ``imbalance_ratio`` setting, its value: None for a split's own imbalance)."""
+        return False, None
+
+    def unlabeled_text(self) -> str | None:
+        """How labels describe the unlabeled data of a semi-supervised dataset (None: it has none)."""
+        return None
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Component):
     """Base of every model schema (ltbench.models): a backbone with ``features(x)`` and a ``head``."""
 
     name: str = MISSING
@@ -230,21 +264,21 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Component):
     """Base of every loss schema (ltbench.losses)."""
 
     name: str = MISSING
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(Component):
     """Base of every sampler schema (ltbench.samplers)."""
 
     name: str = MISSING
 
 
 @dataclass
-class ReweightConfig:
+class ReweightConfig(Component):
     """Base of every re-weighting schema (ltbench.reweight). Weights apply from ``start`` on, a fraction of the
     stage's epochs (deferred re-weighting: 0.8, the first lr decay of the reference recipe)."""
 
@@ -257,7 +291,7 @@ class ReweightConfig:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Component):
     """Base of every synthetic-sample schema (ltbench.synth). ``stop``: stop synthesising from that fraction of the
     epochs on (None: never)."""
 
@@ -270,14 +304,20 @@ class SynthConfig:
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(Component):
     """Base of the classifier stage (decoupled training, stage 2; ltbench.classifier)."""
+
+    tasks = ("classification",)  # a new classifier over classes
+
+    def training_schedule(self) -> ScheduleConfig | None:
+        """The schedule its head trains with (None: computed from features, no training)."""
+        return None
 
     name: str = MISSING
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Component):
     """Base of the pre-training stage (stage 0; ltbench.methods)."""
 
     name: str = MISSING
@@ -285,21 +325,24 @@ class PretrainConfig:
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(Component):
     """Base of the methods that change how the training stage trains (ltbench.methods: fds, ...)."""
 
     name: str = MISSING
 
 
 @dataclass
-class SemiConfig:
-    """Base of the semi-supervised methods that join the training stage (ltbench.methods)."""
+class SemiConfig(Component):
+    """Base of the semi-supervised methods that join the training stage (ltbench.methods). ``base_stage``
+    (declared): a stage before the training stage trains a base classifier that labels the unlabeled set."""
+
+    base_stage: ClassVar[bool] = False
 
     name: str = MISSING
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(Component):
     """Base of the extra loggers (ltbench.loggers); epochs.csv is always written."""
 
     name: str = runtime(MISSING)
@@ -365,10 +408,53 @@ REGISTERED_SECTIONS = {
 }
 
 
+_ROOT: dict[str, type[TrainConfig]] = {"schema": TrainConfig}
+
+
+def root_schema() -> type[TrainConfig]:
+    """The root schema: :class:`TrainConfig`, extended by the sections that plugins registered."""
+    return _ROOT["schema"]
+
+
 def register_root() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="train_schema", node=root_schema())
+
+
+def register_section(section: str, base: type[Component]) -> None:
+    """Add an optional section to the root config, typed by ``base`` and its registered options (a plugin's new
+    stage: ``ltbench train +<section>=<option>``). The section is absent (None) unless set, and left out of every
+    identity while it is, so the runs recorded before it existed keep their hash, directories and stage caches.
+    Its options register in ``Registry(section, base)``; the stage that reads it declares it (``Stage.section``)."""
+    import dataclasses
+
+    if section in REGISTERED_SECTIONS:
+        if REGISTERED_SECTIONS[section] == section and _section_base(section) is base:
+            return  # registered already (a module imported twice)
+        raise ConfigError(f"config section {section!r} exists already")
+    current = root_schema()
+    extended = dataclasses.make_dataclass(
+        current.__name__, [(section, Optional[base], added(None))], bases=(current,)  # noqa: UP045
+    )
+    extended.__module__, extended.__qualname__ = current.__module__, current.__qualname__
+    _ROOT["schema"] = extended
+    REGISTERED_SECTIONS[section] = section
+    register_root()
+
+
+def _section_base(section: str) -> type | None:
+    for f in fields_of(root_schema()):
+        if f.name == section:
+            args = [a for a in getattr(f.type, "__args__", ()) if a is not type(None)]
+            return args[0] if args else None
+    return None
+
+
+def fields_of(schema: type) -> tuple:
+    import dataclasses
+
+    return dataclasses.fields(schema)
 
 
 register_root()
@@ -385,35 +471,78 @@ def _registered_schema(family: str, name: str) -> type | None:
     return OmegaConf.get_type(node.node)
 
 
-def _check_registered(cfg: TrainConfig) -> None:
-    """Every registered section names a known option typed by its own schema; then each option's own cross-section
-    checks (a schema may define ``check(root)``, e.g. LDAM needs the cosine head) run on the whole config."""
-    for section, family in REGISTERED_SECTIONS.items():
+def sections(cfg: TrainConfig) -> dict[str, Component]:
+    """The registered sections that are set, by name."""
+    out: dict[str, Component] = {}
+    for section in REGISTERED_SECTIONS:
         obj = getattr(cfg, section)
-        if obj is None:
-            continue
-        schema = _registered_schema(family, obj.name)
-        if schema is None:
-            from hydra.core.config_store import ConfigStore
+        if obj is not None:
+            out[section] = obj
+    return out
 
-            known = sorted(n[: -len(".yaml")] for n in ConfigStore.instance().list(f"schema/{family}"))
-            raise ConfigError(f"unknown {family} {obj.name!r}; choose one of {', '.join(known)}")
+
+def _check_registered(cfg: TrainConfig) -> None:
+    """Every registered section names a known option typed by its own schema; then the declared capabilities and
+    each option's own cross-section checks (``check(root)``, e.g. LDAM needs the cosine head) on the whole config."""
+    for section, obj in sections(cfg).items():
+        family = REGISTERED_SECTIONS[section]
+        schema = _registered_schema(family, obj.name)  # type: ignore[attr-defined]
+        if schema is None:
+            raise ConfigError(f"unknown {family} {obj.name!r}; choose one of {', '.join(_options(family))}")  # type: ignore[attr-defined]
         if type(obj) is not schema:
             raise ConfigError(
-                f"{section} {obj.name!r} is typed {type(obj).__name__}, not its schema {schema.__name__}: "
-                f"its YAML's defaults list must start with /schema/{family}/{obj.name}@_here_"
+                f"{section} {obj.name!r} is typed {type(obj).__name__}, not its schema {schema.__name__}: "  # type: ignore[attr-defined]
+                f"its YAML's defaults list must start with /schema/{family}/{obj.name}@_here_"  # type: ignore[attr-defined]
             )
-    for section in REGISTERED_SECTIONS:
-        check = getattr(getattr(cfg, section), "check", None)
-        if check is not None:
-            check(cfg)
+    check_capabilities(cfg)
+    for obj in sections(cfg).values():
+        obj.check(cfg)
+
+
+def _options(family: str) -> list[str]:
+    from hydra.core.config_store import ConfigStore
+
+    return sorted(n[: -len(".yaml")] for n in ConfigStore.instance().list(f"schema/{family}"))
+
+
+# Sections that describe the run's data and task rather than accept them.
+_DESCRIBING = ("task", "dataset", "logger")
+
+
+def check_capabilities(cfg: TrainConfig) -> None:
+    """Each option's declared ``tasks`` and ``reads`` against the run's task and the dataset's inputs: the first
+    mismatch is refused in one line that names the options of that group which would fit."""
+    task, ds = cfg.task.name, cfg.dataset
+    for section, obj in sections(cfg).items():
+        if section in _DESCRIBING:
+            continue
+        name = obj.name  # type: ignore[attr-defined]
+        hint = f"; {obj.hint}" if obj.hint else ""
+        if ds.inputs not in obj.reads:
+            raise ConfigError(
+                f"{section}={name} reads {'|'.join(obj.reads)}; dataset={ds.name} gives {ds.inputs}"
+                f"{hint or _fitting(section, lambda s: ds.inputs in s.reads and task in s.tasks)}"
+            )
+        if task not in obj.tasks:
+            kind = "classes" if obj.tasks == ("classification",) else "continuous targets"
+            raise ConfigError(
+                f"{section}={name} needs task={'|'.join(obj.tasks)}: it works on {kind}, and this run is "
+                f"task={task}{hint or _fitting(section, lambda s: task in s.tasks)}"
+            )
+
+
+def _fitting(section: str, fits: Any) -> str:
+    """``; options that fit: a, b`` for the options of ``section``'s group whose schema ``fits``."""
+    family = REGISTERED_SECTIONS[section]
+    names = [n for n in _options(family) if (s := _registered_schema(family, n)) is not None and fits(s)]
+    return f"; {section} options that fit: {', '.join(names)}" if names else ""
 
 
 def typed(data: dict) -> DictConfig:
     """A plain config (a saved config.yaml, say) typed like a composed one: each registered section by the schema
     of the option its ``name`` names."""
     node = OmegaConf.merge(
-        OmegaConf.structured(TrainConfig), {k: v for k, v in data.items() if k not in REGISTERED_SECTIONS}
+        OmegaConf.structured(root_schema()), {k: v for k, v in data.items() if k not in REGISTERED_SECTIONS}
     )
     for section, family in REGISTERED_SECTIONS.items():
         part = data.get(section)
@@ -423,7 +552,8 @@ def typed(data: dict) -> DictConfig:
         schema = _registered_schema(family, str(name))
         if schema is None:
             raise ConfigError(f"unknown {family} {name!r}")
-        node[section] = OmegaConf.merge(OmegaConf.structured(schema), part)
+        node[section] = OmegaConf.merge(OmegaConf.structured(schema), part)  # type: ignore[index]
+    assert isinstance(node, DictConfig)
     return node
 
 
@@ -432,7 +562,8 @@ def to_schema(cfg: DictConfig | TrainConfig | dict) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         return cfg
     try:
-        if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
+        kind = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else None
+        if isinstance(kind, type) and issubclass(kind, TrainConfig):
             obj = OmegaConf.to_object(cfg)
         else:  # not composed against the schema
             plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -449,8 +580,3 @@ def to_schema(cfg: DictConfig | TrainConfig | dict) -> TrainConfig:
 def default_data_root() -> str:
     return os.environ.get("LTBENCH_DATA") or "data"
 
-
-def as_plain(cfg: Any) -> dict:
-    """A JSON/YAML-ready dict of a config (dataclass or DictConfig), interpolations resolved."""
-    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]

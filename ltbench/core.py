@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,13 +22,12 @@ def autocast(device: torch.device, amp: bool):
 
 @dataclass
 class Batch:
-    """Inputs and targets on the training device; ``views`` holds extra augmented views of ``x`` when a method asks
-    for them, ``unlabeled`` a batch of the unlabeled stream (semi-supervised methods)."""
+    """Inputs and targets on the training device; ``unlabeled``: a batch of the unlabeled stream, for a method that
+    declares one (``Streams(unlabeled=True)``)."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor | None = None  # positions in the training set
-    views: list[torch.Tensor] = field(default_factory=list)
     unlabeled: Batch | None = None
 
     def __len__(self) -> int:
@@ -52,9 +51,23 @@ class Epoch:
 
 
 class Hook:
-    """Called by :func:`fit` around every epoch and after every step; override what you need."""
+    """Called around a stage, every epoch and every step; override what you need.
+
+    Order: the stage's method first, then the stage's hooks by ``order`` (lower first; ties keep their listed
+    order): progress 10, epoch log 20, checkpoint 30, loggers 40, anything else 50 by default. The checkpoint
+    comes after the epoch log, so a resumed run never lacks a row it logged. ``on_stage_start`` / ``on_stage_end``
+    bracket a stage's training (the end runs after an error or an interrupt too, with ``ok`` False).
+    """
+
+    order: ClassVar[int] = 50
+
+    def on_stage_start(self, stage: str) -> None: ...
+
+    def on_stage_end(self, stage: str, ok: bool) -> None: ...
 
     def on_epoch_start(self, ep: Epoch) -> None: ...
+
+    def after_backward(self, ep: Epoch, model: Any) -> None: ...
 
     def after_step(self, ep: Epoch, totals: Totals) -> None: ...
 

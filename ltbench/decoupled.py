@@ -19,33 +19,35 @@ fine-tuned) and the :class:`~ltbench.methods.Method` the stage trains with.
 
 Learning-rate factors. The references train some parameters at a fraction of the stage's lr (MiSLAS: the classifier
 at ``lr_factor`` x lr next to the LWS scales at lr; OLTR: the backbone and the centroids at 0.01 next to the
-classifier at 0.1). The stage's optimiser puts every parameter of the module it trains in groups at the schedule's
-lr (:func:`ltbench.stages.train`: a method's own ParamGroup cannot re-group parameters that module holds, and the
-module must hold them so DistributedDataParallel averages their gradients), so :class:`LrFactor` applies the factor
-to the gradient instead; for SGD this is exactly training at the lower lr (see its docstring).
+classifier at 0.1), each in its own optimiser group with its own weight decay. The training method declares these
+groups (:meth:`ltbench.methods.Method.param_groups`: a group with its own ``lr_scale`` and ``weight_decay`` takes
+its parameters out of the model's groups), so every optimiser trains them as the reference's separate group does.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltbench.classifier import CLASSIFIERS, FrozenBackbone, RetrainConfig, ScaledHead
+from ltbench.classifier import CLASSIFIERS, ClassifierMethod, FrozenBackbone, RetrainConfig, ScaledHead
 from ltbench.config import ScheduleConfig
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.losses import LTLoss
 from ltbench.methods import Method
 from ltbench.methods.supervised import Supervised
+from ltbench.optim import ParamGroup
 from ltbench.tasks import Task
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 LAS_SHAPES = ("concave", "linear", "convex", "exp")
 
@@ -77,12 +79,6 @@ def _check_factors(root: Any, name: str, factors: dict[str, float]) -> None:
     for key, value in factors.items():
         if not value > 0:
             raise ConfigError(f"classifier.{key} must be > 0, got {value}")
-    scaled = [k for k, v in factors.items() if v != 1.0]
-    if scaled and root.classifier.schedule.optimizer != "sgd":
-        raise ConfigError(
-            f"classifier={name}: {', '.join(scaled)} != 1 is applied to the gradient, which equals a lower lr only "
-            "for SGD: set classifier.schedule.optimizer=sgd (or the factors to 1)"
-        )
 
 
 def _check_linear_head(root: Any, name: str, why: str) -> None:
@@ -170,36 +166,10 @@ class OLTRConfig(RetrainConfig):
 # ------------------------------------------------------------------------------------------------ lr factors
 
 
-class LrFactor:
-    """Train ``params`` at ``factor`` x the stage's lr, with weight decay ``weight_decay`` at that lr.
-
-    A gradient hook replaces the gradient g of each parameter p by ``factor * (g + weight_decay * p)``, and the stage
-    trains these parameters without the optimiser's own weight decay (their names go to the stage's ``no_decay``,
-    :meth:`ClassifierTraining.no_decay`). SGD's update is linear in ``d = g + wd p``: the momentum buffer (dampening
-    0, Nesterov or not) becomes ``factor`` x the reference's, so every step equals SGD at ``factor * lr`` with weight
-    decay ``wd`` (the reference's separate parameter group), to rounding. Under DistributedDataParallel the averaged
-    gradient is ``factor * (mean g + wd p)``, the same. For Adam it would not be equivalent: the configs refuse a
-    factor != 1 with another optimiser. :meth:`remove` detaches the hooks (the stage calls it when it ends).
-    """
-
-    def __init__(self, params: Iterable[nn.Parameter], factor: float, weight_decay: float) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.factor, self.weight_decay = factor, weight_decay
-        self.handles = [p.register_hook(functools.partial(self._scaled, p)) for p in self.params]
-
-    def _scaled(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return self.factor * (grad + self.weight_decay * p.detach())
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _factor_no_decay(module: nn.Module, factors: list[LrFactor]) -> list[str]:
-    """The names (in ``module``) of the parameters whose weight decay an LrFactor applies."""
-    ids = {id(p) for f in factors for p in f.params}
-    return [n for n, p in module.named_parameters() if id(p) in ids]
+def lr_factor_group(name: str, params: Iterable[nn.Parameter], factor: float, weight_decay: float) -> ParamGroup:
+    """``params`` trained at ``factor`` x the stage's lr with weight decay ``weight_decay`` (the reference's
+    separate optimiser group)."""
+    return ParamGroup(name, [p for p in params if p.requires_grad], lr_scale=factor, weight_decay=weight_decay)
 
 
 # ------------------------------------------------------------------------------------------------ MiSLAS
@@ -437,11 +407,11 @@ class OLTRNet(nn.Module):
 
 
 class ClassifierTraining(Supervised):
-    """Supervised training of the classifier stage, with parameters at a factor of the lr (:class:`LrFactor`) and an
-    optional MaxNorm projection of the classifier weight after each epoch's training pass (weight balancing's
-    ``train_model`` calls ``pgdFunc.PGD(model)`` once per epoch, after the training phase)."""
+    """Supervised training of the classifier stage, with parameter groups at a factor of the lr
+    (:func:`lr_factor_group`) and an optional MaxNorm projection of the classifier weight after each epoch's training
+    pass (weight balancing's ``train_model`` calls ``pgdFunc.PGD(model)`` once per epoch, after the training phase)."""
 
-    def __init__(self, loss_fn: LTLoss, task: Task, factors: list[LrFactor] | None = None,
+    def __init__(self, loss_fn: LTLoss, task: Task, factors: list[ParamGroup] | None = None,
                  maxnorm: MaxNorm | None = None, weight: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__(loss_fn, task)
         self.factors = list(factors or [])
@@ -452,19 +422,15 @@ class ClassifierTraining(Supervised):
         if self.maxnorm is not None:
             self.maxnorm.project(self._weight[0])
 
-    def no_decay(self, net: nn.Module) -> list[str]:
-        return _factor_no_decay(self.wrap(net), self.factors)
-
-    def release(self) -> None:
-        for f in self.factors:
-            f.remove()
+    def param_groups(self) -> list[ParamGroup]:
+        return [*self.factors, *super().param_groups()]
 
 
 class OLTRTraining(Method):
     """OLTR stage 2: ``CE(logits, y) + dc_weight * disc_centroid_loss`` (``stage_2_meta_embedding.py``: performance
     loss weight 1, feature loss weight 0.01), through :class:`OLTRNet`."""
 
-    def __init__(self, task: Task, cfg: OLTRConfig, factors: list[LrFactor]) -> None:
+    def __init__(self, task: Task, cfg: OLTRConfig, factors: list[ParamGroup]) -> None:
         super().__init__()
         self.task, self.cfg, self.factors = task, cfg, factors
 
@@ -480,35 +446,14 @@ class OLTRTraining(Method):
         sums = {"mean_ce": ce.detach().double() * n, "mean_dc_loss": dc.detach().double() * n}
         return ce + self.cfg.dc_weight * dc, {**self.task.step_sums(logits, batch.y), **sums}
 
-    def no_decay(self, net: nn.Module) -> list[str]:
-        return _factor_no_decay(self.wrap(net), self.factors)
-
-    def release(self) -> None:
-        for f in self.factors:
-            f.remove()
+    def param_groups(self) -> list[ParamGroup]:
+        return list(self.factors)
 
 
 # ------------------------------------------------------------------------------------------------ the options
 
 
-class _Stage2:
-    """What the classifier stage asks of a method: its head, the backbone's mode, its training method, its record."""
-
-    fits = True
-    needs: tuple[str, ...] = ()
-
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-
-    @property
-    def backbone_mode(self) -> str:
-        return "frozen"
-
-    def chosen(self, head: nn.Module) -> dict[str, Any]:
-        return {}
-
-
-class MiSLAS(_Stage2):
+class MiSLAS(ClassifierMethod):
     """MiSLAS stage 2 (Zhong et al. 2021): the stage-1 classifier x LWS scales, label-aware smoothing.
 
     As the reference's ``train_stage2.py``: the classifier is loaded from stage 1 and fine-tuned at ``lr_factor`` x
@@ -527,11 +472,11 @@ class MiSLAS(_Stage2):
     def head(self, model: nn.Module, head_name: str, num_classes: int) -> nn.Module:
         return ScaledHead(copy.deepcopy(model.head), num_classes, frozen=False)
 
-    def method(self, ctx: Any, net: FrozenBackbone) -> Method:
+    def method(self, ctx: StageContext, net: FrozenBackbone) -> Method:
         c = self.cfg
         loss = LabelAwareSmoothing(ctx.stats, c.eps_head, c.eps_tail, c.shape, c.power)
-        factors = [] if c.lr_factor == 1 else [LrFactor(net.head.head.parameters(), c.lr_factor,
-                                                        c.schedule.weight_decay)]  # fmt: skip
+        factors = [] if c.lr_factor == 1 else [lr_factor_group("classifier", net.head.head.parameters(),
+                                                               c.lr_factor, c.schedule.weight_decay)]  # fmt: skip
         return ClassifierTraining(loss, ctx.task, factors)
 
     def chosen(self, head: nn.Module) -> dict[str, Any]:
@@ -539,7 +484,7 @@ class MiSLAS(_Stage2):
         return {"scales": [round(float(v), 4) for v in head.scales.detach().cpu()]}
 
 
-class WeightBalancing(_Stage2):
+class WeightBalancing(ClassifierMethod):
     """Weight balancing stage 2 (Alshammari et al. 2022): the stage-1 classifier (weight and bias) retrained with
     :class:`CBSoftmaxBCE`, weight decay 0.1 and :class:`MaxNorm` (radius from the stage-1 weights, projection after
     every epoch), instance sampling, SGD lr 0.01 cosine over 10 epochs, batch 64.
@@ -560,7 +505,7 @@ class WeightBalancing(_Stage2):
             p.requires_grad_(True)
         return head
 
-    def method(self, ctx: Any, net: FrozenBackbone) -> Method:
+    def method(self, ctx: StageContext, net: FrozenBackbone) -> Method:
         self.maxnorm = MaxNorm(net.head.weight, self.cfg.thresh)
         loss = CBSoftmaxBCE(ctx.stats, self.cfg.beta)
         return ClassifierTraining(loss, ctx.task, maxnorm=self.maxnorm, weight=net.head.weight)
@@ -573,7 +518,7 @@ class WeightBalancing(_Stage2):
         }
 
 
-class OLTR(_Stage2):
+class OLTR(ClassifierMethod):
     """OLTR stage 2 (Liu et al. 2019): the dynamic meta-embedding head (:class:`MetaEmbeddingHead`) trained with
     cross-entropy + 0.01 x the discriminative centroid loss, class-balanced sampling, 60 epochs (x0.1 every 20).
 
@@ -609,7 +554,7 @@ class OLTR(_Stage2):
         return MetaEmbeddingHead(hallucinator, model.feature_dim, num_classes, self.cfg.reach_scale,
                                  self.cfg.cos_scale)  # fmt: skip
 
-    def method(self, ctx: Any, net: FrozenBackbone) -> Method:
+    def method(self, ctx: StageContext, net: FrozenBackbone) -> Method:
         c = self.cfg
         feats = ctx.predict(net.backbone, "train", features=True)  # the stage-1 features (a resumed stage reloads)
         centroids = feature_means(feats, ctx.data.train_y, ctx.data.num_classes)
@@ -618,9 +563,9 @@ class OLTR(_Stage2):
         wd = c.schedule.weight_decay
         factors = []
         if c.centroid_lr_factor != 1:
-            factors.append(LrFactor([net.head.centroids], c.centroid_lr_factor, wd))
+            factors.append(lr_factor_group("centroids", [net.head.centroids], c.centroid_lr_factor, wd))
         if c.finetune_backbone and c.backbone_lr_factor != 1:
-            factors.append(LrFactor(net.backbone.parameters(), c.backbone_lr_factor, wd))
+            factors.append(lr_factor_group("backbone", net.backbone.parameters(), c.backbone_lr_factor, wd))
         return OLTRTraining(ctx.task, c, factors)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -50,7 +51,14 @@ class DataFeed:
 
     def __init__(self, data: LTData, cfg: DatasetConfig, device: torch.device) -> None:
         self.data, self.cfg, self.device = data, cfg, device
-        if data.kind in ("tensor", "features"):
+        self._workers = int(getattr(cfg, "num_workers", 0))  # DataLoader workers of image-file datasets
+        self._device_splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached = None  # image files served from the decoded cache (dataset.cache disk | device)
+        if data.kind == "files" and getattr(cfg, "cache", "none") != "none":
+            from ltbench.data.image_aug import CachedFeed
+
+            self._cached = CachedFeed(data, cfg, device)
+        elif data.kind in ("tensor", "features"):
             assert data.train_x is not None
             self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
             if data.unlabeled_x is not None and data.unlabeled_y is not None:
@@ -59,7 +67,8 @@ class DataFeed:
             self._files = self._file_sets(data, cfg)
 
     @staticmethod
-    def _file_sets(data: LTData, cfg: DatasetConfig) -> dict:
+    def _file_sets(data: LTData, cfg: Any) -> dict:
+        """The image-file sets of ``data`` (``cfg``: its ImageFilesConfig or a dataset schema with the same keys)."""
         from ltbench.data.images import ImageFiles, eval_transform, raw_transform, train_transform
 
         tr, ev, raw = data.transforms or (
@@ -67,13 +76,46 @@ class DataFeed:
             eval_transform(cfg.resize, cfg.image_size, data.mean, data.std),
             raw_transform(cfg.resize),
         )
+        train_files, test_files, val_files = data.train_files or [], data.test_files or [], data.val_files or []
         return {
-            "train": ImageFiles(data.root, data.train_files, data.train_y, tr),
-            "train_plain": ImageFiles(data.root, data.train_files, data.train_y, ev),
-            "train_raw": ImageFiles(data.root, data.train_files, data.train_y, raw),
-            "test": ImageFiles(data.root, data.test_files, data.test_y, ev),
-            "val": ImageFiles(data.root, data.val_files, data.val_y, ev),
+            "train": ImageFiles(data.root, train_files, data.train_y, tr),
+            "train_plain": ImageFiles(data.root, train_files, data.train_y, ev),
+            "train_raw": ImageFiles(data.root, train_files, data.train_y, raw),
+            "test": ImageFiles(data.root, test_files, data.test_y, ev),
+            "val": ImageFiles(data.root, val_files, data.val_y, ev),
+            "val_train": ImageFiles(data.root, val_files, data.val_y, tr),
         }
+
+    def split_batch(
+        self, split: str, positions: torch.Tensor, augment: AugmentConfig | None, gen: torch.Generator
+    ) -> Batch:
+        """One batch of ``split`` ("val": the validation stream a method draws from, e.g. Meta-Weight-Net's meta
+        batch) at ``positions``, with the training augmentation (None: without), the draws from ``gen``; the same
+        for every data kind (``index``: the positions)."""
+        data = self.data
+        if data.kind == "files":
+            from ltbench.data.images import loader_batches
+
+            if self._cached is not None:
+                raise NotImplementedError("split_batch on the decoded image cache")
+            ds = self._files[f"{split}_train" if augment is not None else split]
+            x, y = next(iter(loader_batches(ds, positions, len(positions), self._workers, self.device, gen)))
+            return Batch(x, y, positions)
+        x_all, y_all = self._on_device(split)
+        if data.kind == "features":
+            dev = positions.to(y_all.device)
+            return Batch(x_all[dev], y_all[dev], positions)
+        return next(tensor_batches(x_all, y_all, positions, batch_size=len(positions), mean=data.mean, std=data.std,
+                                   augment=augment, synth=None, synth_on=False, gen=gen))  # fmt: skip
+
+    def _on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split's tensors on the device, moved once."""
+        if split not in self._device_splits:
+            x, y = getattr(self.data, f"{split}_x"), getattr(self.data, f"{split}_y")
+            if x is None:
+                raise ValueError(f"{self.data.name} has no {split} tensors")
+            self._device_splits[split] = (x.to(self.device), y.to(self.device))
+        return self._device_splits[split]
 
     def train(
         self,
@@ -89,13 +131,16 @@ class DataFeed:
         """Training batches in the order of ``indices``; ``augment=None``: no augmentation; ``raw``: the uint8 images
         as stored (image files: resized and centre-cropped to ``dataset.resize``), for methods that make their views."""
         kind = self.data.kind
-        if kind == "files":
+        if self._cached is not None:
+            for x, y, idx in self._cached.train(indices, batch_size, augment is not None, gen, raw):
+                yield Batch(x, y, idx)
+        elif kind == "files":
             from ltbench.data.images import loader_batches
 
             ds = self._files["train_raw" if raw else ("train" if augment is not None else "train_plain")]
             for start, (x, y) in zip(
                 range(0, len(indices), batch_size),
-                loader_batches(ds, indices, batch_size, self.cfg.num_workers, self.device, gen),
+                loader_batches(ds, indices, batch_size, self._workers, self.device, gen),
             ):
                 yield Batch(x, y, indices[start : start + batch_size])
         elif kind == "features" or raw:
@@ -119,12 +164,16 @@ class DataFeed:
     def evaluate(self, split: str, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[Batch]:
         """Batches of a split ("test", "val", "train", "unlabeled": no augmentation), in order (or ``indices``)."""
         data = self.data
+        if self._cached is not None:
+            for x, y in self._cached.evaluate(split, batch_size, indices):
+                yield Batch(x, y)
+            return
         if data.kind == "files":
             from ltbench.data.images import loader_batches
 
             ds = self._files["train_plain" if split == "train" else split]
             order = torch.arange(len(ds)) if indices is None else indices
-            for x, y in loader_batches(ds, order, batch_size, self.cfg.num_workers, self.device, torch.Generator()):
+            for x, y in loader_batches(ds, order, batch_size, self._workers, self.device, torch.Generator()):
                 yield Batch(x, y)
             return
         x_all = getattr(data, f"{split}_x")

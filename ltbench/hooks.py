@@ -19,6 +19,8 @@ SYNC_EVERY = 25  # steps between progress-bar loss readings (each is one host sy
 class ProgressHook(Hook):
     """A bar over the stage's epochs and one over the current epoch's samples, with loss, lr and speed."""
 
+    order = 10
+
     def __init__(self, progress: Progress, stage: str, epochs: int, start: int) -> None:
         self.progress = progress
         self.stage_task = progress.add_task(stage, total=epochs, completed=start, info="")
@@ -30,10 +32,11 @@ class ProgressHook(Hook):
 
     def after_step(self, ep: Epoch, totals: Totals) -> None:
         assert self.batch_task is not None
-        info = None
         if totals.steps % SYNC_EVERY == 1:
             info = f"loss {totals.mean('loss'):.3f} lr {self._lr:.4g}"
-        self.progress.update(self.batch_task, advance=totals.last, **({"info": info} if info else {}))
+            self.progress.update(self.batch_task, advance=totals.last, info=info)
+        else:
+            self.progress.update(self.batch_task, advance=totals.last)
 
     def on_epoch_end(self, ep: Epoch) -> None:
         if self.batch_task is not None:
@@ -45,6 +48,8 @@ class ProgressHook(Hook):
 
 class EpochLogHook(Hook):
     """The stage's epoch log (``epochs.csv``, or ``<stage>_epochs.csv``), rewritten atomically every epoch."""
+
+    order = 20
 
     def __init__(self, rundir: RunDir, stage: str, rows: list[dict]) -> None:
         self.rundir, self.name, self.rows = rundir, RunDir.epoch_log_name(stage), rows
@@ -65,6 +70,8 @@ class EpochLogHook(Hook):
 
 class CheckpointHook(Hook):
     """After every epoch, the stage's state (``state()`` gives it) goes to its checkpoint file."""
+
+    order = 30
 
     def __init__(self, rundir: RunDir, stage: str, state: Callable[[Epoch], dict[str, Any]]) -> None:
         self.rundir, self.stage, self.state = rundir, stage, state

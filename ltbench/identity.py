@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ltbench.config import MARK, OMIT_AT_DEFAULT, REGISTERED_SECTIONS, TrainConfig, to_schema
 
 _STRENGTH = {"none": 0, "run": 1, "replicate": 2, "stage": 3}
-_SECTIONS = {*REGISTERED_SECTIONS, "augment", "schedule"}
+_FIXED_SECTIONS = ("augment", "schedule")  # sections without a registry; plugins may add registered ones
 # Sections shown elsewhere in tables and directory names, or not a method setting.
 _NOT_IN_LABEL = ("strategy", "experiment", "dataset", "hydra")
 
@@ -65,13 +66,20 @@ def config_hash(cfg: TrainConfig) -> str:
     return _digest(identity_tree(cfg, {"stage", "run"}), 12)
 
 
+def replicate_key(cfg: TrainConfig) -> str:
+    """Fingerprint of the fields that vary between replicates of one experiment (the seed): with the config hash,
+    what tells two runs of one directory apart."""
+    return _digest(identity_tree(cfg, {"replicate"}), 12)
+
+
 def stage_key(cfg: TrainConfig, sections: tuple[str, ...], prev_key: str | None, split_hash: str, name: str) -> str:
     """Content address of a trained stage: the ``sections`` of the config it reads (training-relevant fields only),
     the top-level settings (seed, amp), the data split and the previous stage's key."""
     import ltbench
 
     tree = identity_tree(cfg, {"stage", "replicate"})
-    top = {k: v for k, v in tree.items() if k not in _SECTIONS}  # seed, amp: never whether other sections exist
+    sections_ = {*REGISTERED_SECTIONS, *_FIXED_SECTIONS}
+    top = {k: v for k, v in tree.items() if k not in sections_}  # seed, amp: never whether other sections exist
     parts = {
         "stage": name,
         "sections": {s: tree.get(s) for s in sections},
@@ -125,11 +133,11 @@ def method_label(cfg: TrainConfig, overrides: list[str] | None) -> str:
     (``ce+FixMatch (U 3000 max, ratio 100)``), plus the other command-line overrides that change the method."""
     name = cfg.strategy
     if cfg.pretrain is not None:
-        name += getattr(cfg.pretrain, "label_suffix", f"+{cfg.pretrain.name}")
+        name += cfg.pretrain.label_suffix or f"+{cfg.pretrain.name}"
     if cfg.semi is not None:
-        name += getattr(cfg.semi, "label_suffix", f"+{cfg.semi.name}")
-        unlabeled = getattr(cfg.dataset, "unlabeled_text", None)
-        name += f" ({unlabeled()})" if unlabeled is not None else ""
+        name += cfg.semi.label_suffix or f"+{cfg.semi.name}"
+        unlabeled = cfg.dataset.unlabeled_text()
+        name += f" ({unlabeled})" if unlabeled is not None else ""
     extra = [o for o in method_overrides(cfg, overrides) if _override_key(o) not in ("pretrain", "semi")]
     return f"{name} [{', '.join(extra)}]" if extra else name
 
@@ -142,9 +150,8 @@ def ratio_tag(ratio: Any) -> str:
 def data_tag(cfg: TrainConfig) -> str:
     """``cifar10lt_ir100``; datasets without an imbalance-ratio setting are named alone."""
     ds = cfg.dataset
-    if hasattr(ds, "imbalance_ratio"):
-        return f"{ds.name}_ir{ratio_tag(ds.imbalance_ratio)}"
-    return ds.name
+    has_ratio, ratio = ds.imbalance_setting()
+    return f"{ds.name}_ir{ratio_tag(ratio)}" if has_ratio else ds.name
 
 
 def _safe(text: str, limit: int = 120) -> str:
@@ -166,12 +173,19 @@ def run_dir_name(cfg: TrainConfig, stamp: str) -> str:
 _IN_PATH = ("seed", "strategy", "dataset", "dataset.imbalance_ratio")
 
 
-def sweep_subdir(cfg: TrainConfig, overrides: list[str]) -> str:
-    """``<data>/<strategy>/<overrides>/<hash>_seed<seed>`` inside a sweep directory. The readable part names every
-    override of the job (execution settings too, so a sweep over ``device`` or ``dataset.root`` keeps its jobs
-    apart); the hash is the identity, so two directories of one experiment never look alike."""
-    shown = [o for o in overrides if _override_key(o) not in _IN_PATH and not _override_key(o).startswith("hydra")]
-    extra = _safe(",".join(shown)) or "_"
+def sweep_subdir(cfg: TrainConfig, overrides: list[str], fixed: Collection[str] = ()) -> str:
+    """``<data>/<strategy>/<overrides>/<hash>_seed<seed>`` inside a sweep directory. The readable part names the
+    job's overrides but an execution setting (mark ``none``) that every job of the sweep shares (``fixed``:
+    ``progress=false``, ``results_dir=...``); a swept one (``device=cpu,cuda``) stays, so its jobs keep apart. The
+    hash is the identity, so two directories of one experiment never look alike."""
+
+    def shown(o: str) -> bool:
+        key = _override_key(o)
+        if key in _IN_PATH or key.startswith("hydra"):
+            return False
+        return not (key in fixed and mark_of(cfg, key) == "none")
+
+    extra = _safe(",".join(o for o in overrides if shown(o))) or "_"
     return os.path.join(data_tag(cfg), _safe(cfg.strategy), extra, f"{config_hash(cfg)[:8]}_seed{cfg.seed}")
 
 
@@ -180,7 +194,7 @@ def sweep_subdir(cfg: TrainConfig, overrides: list[str]) -> str:
 
 def _typed_job_config(root: DictConfig) -> TrainConfig | None:
     try:
-        job = OmegaConf.masked_copy(root, [k for k in root if k != "hydra"])
+        job = OmegaConf.masked_copy(root, [str(k) for k in root if k != "hydra"])
         return to_schema(job)
     except Exception:  # an invalid config: the run refuses it with one clear line and removes the directory
         return None
@@ -200,7 +214,9 @@ def _sweep_subdir_resolver(*, _root_: DictConfig) -> str:
     cfg = _typed_job_config(_root_)
     if cfg is None:
         return os.path.join("_invalid", str(os.getpid()))
-    return sweep_subdir(cfg, list(_root_.hydra.overrides.task))
+    # the keys every job of the sweep sets alike (`ltbench train` puts them there: ltbench.cli.prepare_sweep)
+    fixed = OmegaConf.select(_root_, "hydra.job.config.override_dirname.exclude_keys", default=None) or []
+    return sweep_subdir(cfg, list(_root_.hydra.overrides.task), {str(k) for k in fixed})
 
 
 def _output_subdir_resolver(output_dir: str) -> str | None:

@@ -54,7 +54,7 @@ def class_groups(cfg: GroupsConfig, class_counts: Sequence[int]) -> dict[str, li
 def group_accuracy(per_class: Sequence[float | None], groups: dict[str, list[int]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for g in GROUPS:
-        vals = [per_class[i] for i in groups.get(g, []) if per_class[i] is not None]
+        vals = [float(v) for i in groups.get(g, []) if (v := per_class[i]) is not None]
         out[g] = float(np.mean(vals)) if vals else None
     return out
 

@@ -30,7 +30,9 @@ class ParamGroup:
     fixed_lr: float | None = None
 
 
-def model_groups(model: nn.Module, no_decay: list[str], prefix: str = "") -> list[ParamGroup]:
+def model_groups(
+    model: nn.Module, no_decay: list[str], prefix: str = "", exclude: set[int] | None = None
+) -> list[ParamGroup]:
     """The model's trainable parameters in registration order; names matching ``no_decay`` get no weight decay.
 
     A pattern matches a name or the name's tail after a dot (``head.bias`` matches ``model.head.bias``), so the
@@ -38,10 +40,35 @@ def model_groups(model: nn.Module, no_decay: list[str], prefix: str = "") -> lis
     """
     decay, plain = ParamGroup(f"{prefix}params"), ParamGroup(f"{prefix}no_decay", weight_decay=0.0)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (exclude is None or id(p) not in exclude):
             hit = any(fnmatch(name, pat) or fnmatch(name, f"*.{pat}") for pat in no_decay)
             (plain if hit else decay).params.append(p)
     return [g for g in (decay, plain) if g.params]
+
+
+def overrides(g: ParamGroup) -> bool:
+    """Whether a group sets its own lr or weight decay (then it owns its parameters wherever they live)."""
+    return g.lr_scale != 1.0 or g.weight_decay is not None or g.fixed_lr is not None
+
+
+def stage_groups(module: nn.Module, no_decay: list[str], method_groups: list[ParamGroup]) -> list[ParamGroup]:
+    """The optimiser groups of a stage that trains ``module`` with a method's ``method_groups``.
+
+    One rule for every parameter, whatever the optimiser: a method group with its own lr factor, weight decay or
+    fixed lr (:func:`overrides`) trains its parameters, taken out of the model's groups even where ``module`` holds
+    them (a classifier at 0.5 x the lr); a method group with the defaults only adds parameters ``module`` does not
+    hold (a projector inside a wrapped module stays in the model's groups, with their ``no_decay`` patterns). Order:
+    the model's groups, then the method's, in the order given; a parameter is in exactly one group.
+    """
+    owned = {id(p) for g in method_groups if overrides(g) for p in g.params}
+    groups = model_groups(module, no_decay, exclude=owned)
+    in_module = {id(p) for p in module.parameters()}
+    for g in method_groups:
+        if not overrides(g):
+            g = ParamGroup(g.name, [p for p in g.params if id(p) not in in_module], g.lr_scale, g.weight_decay,
+                           g.fixed_lr)  # fmt: skip
+        groups.append(g)
+    return groups
 
 
 def build_optimizer(sched: ScheduleConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:

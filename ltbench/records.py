@@ -183,7 +183,14 @@ class Record:
             "run_dir": self.run_dir,
             "finished_at": d.get("finished_at") or "",
             "pseudo_labels": _pseudo(d),
+            **_cost_row(d),
         }
+
+
+def _cost_row(d: dict) -> dict[str, float]:
+    """A run's compute cost (metrics.json's ``cost``; NaN for records written before it existed)."""
+    cost = d.get("cost") if isinstance(d.get("cost"), dict) else {}
+    return {k: _num(cost.get(k)) for k in ("image_steps_total", "train_seconds", "gpu_hours")}
 
 
 def _pseudo(d: dict) -> dict | None:

@@ -79,7 +79,8 @@ class Registry(Generic[T]):
 
     def build(self, cfg: Any, *args: Any, **kwargs: Any) -> Any:
         """Call the builder registered under ``cfg.name`` with ``cfg`` and the rest of the arguments."""
-        return self.get(cfg.name).builder(cfg, *args, **kwargs)
+        builder: Callable[..., Any] = self.get(cfg.name).builder  # type: ignore[assignment]
+        return builder(cfg, *args, **kwargs)
 
 
 # Every module that registers components; imported once by load_components() so the registries and the schema

@@ -61,6 +61,20 @@ def metric_columns(df: pd.DataFrame) -> list[dict[str, Any]]:
     return list(df["columns"].iloc[0])
 
 
+COST = ("image_steps_total", "train_seconds", "gpu_hours")
+
+
+def _cost_line(g: pd.DataFrame) -> str:
+    """The compute behind a section's rows: image-steps, training hours and GPU-hours over all their runs."""
+    cells = []
+    for _, r in g.iterrows():
+        if not all(m in r and np.isfinite(r[m]) for m in COST):
+            continue
+        cells.append(f"{r['label']}: {r['image_steps_total'] / 1e6:.3g} M image-steps, "
+                     f"{r['train_seconds'] / 3600:.3g} h training, {r['gpu_hours']:.3g} GPU-h")  # fmt: skip
+    return ("Compute (all seeds, every stage): " + "; ".join(cells) + ".") if cells else ""
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per group: n_seeds, seeds, and mean/std (ddof=1; NaN for one seed) of each metric."""
     rows = []
@@ -78,6 +92,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(g[m], errors="coerce").dropna() if m in g else pd.Series(dtype=float)
             row[f"{m}_mean"] = float(vals.mean()) if len(vals) else float("nan")
             row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+        for m in COST:  # summed over the group's runs: what the row cost in all
+            vals = pd.to_numeric(g[m], errors="coerce") if m in g else pd.Series(dtype=float)
+            row[m] = float(vals.sum()) if len(vals) and vals.notna().all() else float("nan")
         rows.append(row)
     out = pd.DataFrame(rows)
     first = out["columns"].map(lambda c: c[0]["key"])
@@ -160,6 +177,8 @@ def to_markdown(agg: pd.DataFrame, failed: pd.DataFrame, warnings: list[str]) ->
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in _display_rows(g)]
         lines.append("")
+        if cost := _cost_line(g):
+            lines += [_md_escape(cost), ""]
     if len(failed):
         lines += ["## Runs not included", "", "| status | method | seed | run | reason |", "|---|---|---|---|---|"]
         for _, r in failed.iterrows():
@@ -180,8 +199,9 @@ def to_csv(agg: pd.DataFrame) -> str:
     if _has_stage1(agg):
         keys.append("stage1_top1")
     metric_cols = [f"{k}_{s}" for k in keys for s in ("mean", "std")]
-    out = agg.reindex(columns=base + metric_cols)
+    out = agg.reindex(columns=base + metric_cols + list(COST))
     out[metric_cols] = out[metric_cols].astype(float).round(2)
+    out[list(COST)] = out[list(COST)].astype(float).round(4)
     return out.to_csv(index=False)
 
 

@@ -235,20 +235,23 @@ def plan(
                         raise ConfigError(f"{row.strategy} at {fmt_key(ratio)}: {str(e).splitlines()[0]}") from e
                     h = config_hash(cfg)
                     run_dir = out / "runs" / data_tag(cfg) / cfg.strategy / f"{h[:8]}_seed{seed}"
-                    s2 = getattr(getattr(cfg.classifier, "schedule", None), "epochs", 0)
+                    s2_sched = cfg.classifier.training_schedule() if cfg.classifier is not None else None
+                    s2 = s2_sched.epochs if s2_sched is not None else 0
                     group = _stage1_group(cfg) if cfg.classifier is not None else None
                     jobs.append(Job(row, ratio, seed, ov, h, run_dir, cfg.schedule.epochs, s2, group))
     return jobs
 
 
 def _stage1_group(cfg: Any) -> str:
-    """The identity of a run's stage 1 (what the stage cache is keyed on, short of the data split's hash, which
-    depends only on the settings below and whether the run moves validation images out of the subset)."""
-    from ltbench.identity import stage_key
+    """The identity of what a run's last stage follows (the stage cache key, from the run's plan, short of the data
+    split's hash, which depends only on the settings below and whether the run moves validation images out of the
+    subset)."""
     from ltbench.runner import validation_holdout
-    from ltbench.stages import TrainStage
+    from ltbench.stages import shared_key
 
-    return stage_key(cfg, TrainStage.sections, None, f"holdout={validation_holdout(cfg)}", "train")
+    key = shared_key(cfg, f"holdout={validation_holdout(cfg)}")
+    assert key is not None  # a run with a classifier stage has a stage before it
+    return key
 
 
 # --------------------------------------------------------------------------------------------- the records

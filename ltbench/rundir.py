@@ -151,6 +151,23 @@ class RunDir:
             os.replace(path, path.with_suffix(".prev.pt"))
         atomic_torch_save(path, state)
 
+    def config(self) -> Any:
+        """The run's saved config.yaml as its typed schema (a TrainConfig); one clear error when it is absent or
+        cannot be read."""
+        from omegaconf import OmegaConf
+
+        from ltbench.config import to_schema
+
+        path = self.path / self.CONFIG
+        if not path.exists():
+            raise CheckpointError(f"{self.path} is not an ltbench run directory (no {self.CONFIG})")
+        try:
+            return to_schema(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+        except LtbenchError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+
     def record(self) -> dict | None:
         """The run's metrics.json, or None if absent or unreadable."""
         try:

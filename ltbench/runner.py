@@ -18,9 +18,7 @@ after the last stage: nothing is selected on it.
 from __future__ import annotations
 
 import logging
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ltbench.config import REGISTERED_SECTIONS, TrainConfig, to_schema
+from ltbench.cluster import Terminated, _raise_terminated, sigterm_interrupts  # noqa: F401 (moved there)
+from ltbench.config import TrainConfig, sections, to_schema
 from ltbench.data import LTData, build_dataset
 from ltbench.dist import DistInfo, barrier, sync_batchnorm
 from ltbench.dist import from_env as dist_from_env
 from ltbench.dist import setup as dist_setup
 from ltbench.errors import CheckpointError, ConfigError, LtbenchError
 from ltbench.feed import DataFeed
-from ltbench.identity import config_hash, method_label
+from ltbench.identity import config_hash, method_label, replicate_key
 from ltbench.loggers import LOGGERS
 from ltbench.models import build_model
 from ltbench.results import git_revision, versions
@@ -49,28 +48,6 @@ log = logging.getLogger("ltbench")
 
 CONFIG_FILE, METRICS, INDICES = RunDir.CONFIG, RunDir.METRICS, RunDir.INDICES
 CHECKPOINT = RunDir.checkpoint_name("train")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, preemption): handled like Ctrl-C, so the run can be resumed."""
-
-
-@contextmanager
-def sigterm_interrupts():
-    """Turn SIGTERM into :class:`Terminated` while a run trains (main thread only; restored afterwards)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 def run(
@@ -90,12 +67,13 @@ def run(
         tcfg, out, overrides = _resume_target(tcfg, overrides)
     else:
         out = Path(str(out_dir))
+    resolve_device(tcfg.device)  # before any directory is made: a run that cannot start leaves nothing
     rd = RunDir(out, writer=dist_from_env().main)
     rd.acquire()
     try:
         prev = rd.record() if rd.writer else None
-        if prev is not None and prev.get("config_hash") not in (None, config_hash(tcfg)):
-            raise ConfigError(f"{out} holds another run (config hash {prev.get('config_hash')}); use a new directory")
+        if prev is not None:
+            _check_same_run(prev, tcfg, out)
         if prev is not None and prev.get("status") == "completed":
             console.print(f"[green]{out} already completed[/]; nothing to do.", soft_wrap=True)
             return prev
@@ -106,6 +84,18 @@ def run(
             return _recorded(tcfg, rd, overrides, console)
     finally:
         rd.release()
+
+
+def _check_same_run(prev: dict, tcfg: TrainConfig, out: Path) -> None:
+    """A directory holds one run: another config, or another replicate (seed) of the same config, is refused."""
+    if prev.get("config_hash") not in (None, config_hash(tcfg)):
+        raise ConfigError(f"{out} holds another run (config hash {prev.get('config_hash')}); use a new directory")
+    other_seed = prev.get("seed") not in (None, tcfg.seed)
+    if other_seed or prev.get("replicate_key") not in (None, replicate_key(tcfg)):
+        raise ConfigError(
+            f"{out} holds seed {prev.get('seed')} of this config, not seed {tcfg.seed}: give each seed its own "
+            "directory (e.g. hydra.run.dir=.../seed${seed}, or leave hydra.run.dir to ltbench)"
+        )
 
 
 def _resume_target(tcfg: TrainConfig, overrides: list[str] | None) -> tuple[TrainConfig, Path, list[str] | None]:
@@ -131,15 +121,8 @@ def _resume_target(tcfg: TrainConfig, overrides: list[str] | None) -> tuple[Trai
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} is not an ltbench run directory (no {CONFIG_FILE})")
-    try:
-        return to_schema(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
-    except LtbenchError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+    """The saved config of a run directory (:meth:`RunDir.config`)."""
+    return RunDir(Path(run_dir)).config()
 
 
 def _recorded(tcfg: TrainConfig, rd: RunDir, overrides: list[str] | None, console: Console) -> dict:
@@ -148,12 +131,13 @@ def _recorded(tcfg: TrainConfig, rd: RunDir, overrides: list[str] | None, consol
         "status": "running",
         "task": tcfg.task.name,
         "dataset": tcfg.dataset.name,
-        "imbalance_ratio": getattr(tcfg.dataset, "imbalance_ratio", None),
+        "imbalance_ratio": tcfg.dataset.imbalance_setting()[1],
         "strategy": tcfg.strategy,
         "label": method_label(tcfg, overrides),
         "seed": tcfg.seed,
         "split_seed": tcfg.dataset.split_seed,
         "config_hash": config_hash(tcfg),
+        "replicate_key": replicate_key(tcfg),
         "overrides": list(overrides or []),
         "started_at": now(),
         "versions": versions(),
@@ -213,7 +197,7 @@ def _train_and_evaluate(tcfg: TrainConfig, rd: RunDir, record: dict, console: Co
     model = build_model(tcfg.model, task.out_dim(data), data)
     if info.enabled:
         model = sync_batchnorm(model, device)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     record["num_parameters"] = sum(p.numel() for p in model.parameters())
     loggers = [LOGGERS.build(tcfg.logger, rd.path)] if tcfg.logger is not None and rd.writer else []
     ctx = RunContext(tcfg, data, task, stats, DataFeed(data, tcfg.dataset, device), device, info, rd, record,
@@ -236,7 +220,7 @@ def validation_holdout(tcfg: TrainConfig) -> bool:
     ``dataset.val_holdout``, or (null) when a method of the run selects on the validation split."""
     if tcfg.dataset.val_holdout is not None:
         return tcfg.dataset.val_holdout
-    return any(getattr(getattr(tcfg, s, None), "selects_on_validation", False) for s in REGISTERED_SECTIONS)
+    return any(obj.selects_on_validation for obj in sections(tcfg).values())
 
 
 def _progress(tcfg: TrainConfig, info: DistInfo, console: Console) -> Progress:
@@ -307,18 +291,18 @@ def run_stages(ctx: RunContext, model: torch.nn.Module) -> tuple[torch.nn.Module
     result = None
     for i in range(start, len(stages)):
         stage = stages[i]
-        result = stage.run(ctx, model, ckpt if i == start else None)
+        result = stage.run(ctx, ctx.stage_context(stage, stages[:i]), model, ckpt if i == start else None)
         model, rows[stage.name] = result.model, result.rows
         if i == len(stages) - 1:  # the last stage's own record: a classifier's choice, a method's summary
-            if stage.record_key == "stage1":
+            if stage.main:
                 ctx.record.update(result.record)
             else:
                 ctx.record[stage.record_key] = result.record
             break
         entry = {"cache_key": keys[i], "cache_dir": str(cache_root(ctx.cfg) / keys[i]), "reused": False,
-                 "epochs": len(result.rows), **result.record, "trained_in": str(ctx.rundir.path),
-                 "created_at": now(), "git": ctx.record["git"]}  # fmt: skip
-        if stage.record_key == "stage1":  # the network before the classifier stage, evaluated for the record
+                 "epochs": len(result.rows), "trainable_parameters": ctx.trainable.get(stage.name), **result.record,
+                 "trained_in": str(ctx.rundir.path), "created_at": now(), "git": ctx.record["git"]}  # fmt: skip
+        if stage.main:  # the network before the classifier stage, evaluated for the record
             entry.update(_brief_evaluation(ctx, model))
         ctx.record[stage.record_key] = entry
         if ctx.info.main:
@@ -326,9 +310,32 @@ def run_stages(ctx: RunContext, model: torch.nn.Module) -> tuple[torch.nn.Module
             save_cached(cache_root(ctx.cfg) / keys[i], model, dict(rows), done)
         if i == start and ckpt is not None:
             ckpt = None
-    ctx.record["epochs_completed"] = len(rows.get("train", []))
-    ctx.record["train_rows"] = rows.get("train", [])
+    main = next(s.name for s in stages if s.main)
+    ctx.record["cost"] = _cost(ctx, stages, rows)
+    ctx.record["epochs_completed"] = len(rows.get(main, []))
+    ctx.record["train_rows"] = rows.get(main, [])
     return model, result
+
+
+def _cost(ctx: RunContext, stages: list, rows: dict[str, list]) -> dict[str, Any]:
+    """What the run's numbers cost, every stage counted (a stage reused from the cache with what it cost when it
+    was trained): epochs, image-steps (images through a training step), trainable parameters per stage and the
+    model's total; the wall time, device and GPU-hours are added when the run ends."""
+    trainable = {}
+    for s in stages:
+        entry = ctx.record.get(s.record_key)
+        known = entry.get("trainable_parameters") if isinstance(entry, dict) else None
+        trainable[s.name] = ctx.trainable.get(s.name, known)
+    steps = {s.name: int(sum(r.get("images", 0) for r in rows.get(s.name, []))) for s in stages}
+    seconds = sum(float(r.get("seconds", 0.0)) for s in stages for r in rows.get(s.name, []))
+    return {
+        "train_seconds": round(seconds, 2),  # every epoch of every stage, across resumes and the stage cache
+        "epochs": {s.name: len(rows.get(s.name, [])) for s in stages},
+        "image_steps": steps,
+        "image_steps_total": sum(steps.values()),
+        "trainable_parameters": trainable,
+        "total_parameters": ctx.record.get("num_parameters"),
+    }
 
 
 def _brief_evaluation(ctx: RunContext, model: torch.nn.Module) -> dict[str, Any]:
@@ -355,7 +362,8 @@ def _starting_point(ctx: RunContext, stages, keys, model) -> tuple[int, dict | N
         ctx.record.update(ckpt.get("stages", {}))
         ctx.record.setdefault("resumed_at_epoch", []).append(int(ckpt["epoch"]))
         ctx.record.setdefault("resumed_at_stage", []).append(stages[i].name)
-        total = stages[i].schedule(ctx.cfg).epochs
+        sched = stages[i].schedule(ctx.cfg)
+        total = sched.epochs if sched is not None else "?"
         ctx.console.print(
             f"resuming {ctx.rundir.path}: stage {stages[i].name}, epoch {ckpt['epoch'] + 1}/{total}", soft_wrap=True
         )
@@ -405,6 +413,15 @@ def _finish(ctx: RunContext, outputs: dict[str, torch.Tensor], wall: float) -> N
         train_images_per_s=round(sum(r["images"] for r in rows) / max(train_time, 1e-9), 1),
         finished_at=now(),
         wall_time_s=round(wall, 2),
+    )
+    cost = record.setdefault("cost", {})
+    gpus = ctx.info.world_size if ctx.device.type == "cuda" else 0
+    cost.update(
+        wall_time_s=round(wall, 2),  # this process, evaluation included
+        device=ctx.device.type,
+        device_name=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ctx.device.type,
+        device_count=ctx.info.world_size,
+        gpu_hours=round(float(cost.get("train_seconds", 0.0)) * gpus / 3600, 4),
     )
     ctx.rundir.write_json(METRICS, record)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -46,17 +46,10 @@ SYNTHS: Registry[type[Synthesizer]] = Registry("synth", SynthConfig)
 class MixupConfig(SynthConfig):
     name: str = "mixup"
     alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
-
-    def check(self, root) -> None:
-        if root.dataset.inputs == "text":
-            raise ConfigError(f"synth={self.name} mixes inputs; dataset={root.dataset.name} gives token ids")
-        if self.name != "mixup":
-            _classification_only(root, self.name)
+    reads = ("images", "features")  # it mixes inputs (token ids do not mix)
 
 
-def _classification_only(root, name: str) -> None:
-    if root.task.name != "classification":
-        raise ConfigError(f"synth={name} works on classes (task=classification); for regression use synth=mixup")
+_CLASSES_HINT = "for regression use synth=mixup or manifold_mixup"
 
 
 @dataclass
@@ -64,24 +57,24 @@ class RemixConfig(MixupConfig):
     name: str = "remix"
     kappa: float = 3.0  # count ratio above which the label goes to the minority class (Chou et al. 2020)
     tau: float = 0.5  # mixing-weight threshold (Chou et al. 2020)
+    tasks = ("classification",)  # its label rule favours the minority class of a pair
+    hint = _CLASSES_HINT
 
 
 @dataclass
 class SmoteConfig(SynthConfig):
     name: str = "smote"
     k: int = 5  # nearest same-class neighbours (Chawla et al. 2002)
-
-    def check(self, root) -> None:
-        _classification_only(root, self.name)
+    tasks = ("classification",)  # it replaces the repeats of an over-sampled class
+    hint = _CLASSES_HINT
 
 
 @dataclass
 class NoiseConfig(SynthConfig):
     name: str = "noise"
     sigma: float = 0.1  # std of the Gaussian noise, on the [0, 1] pixel scale
-
-    def check(self, root) -> None:
-        _classification_only(root, self.name)
+    tasks = ("classification",)  # it replaces the repeats of an over-sampled class
+    hint = _CLASSES_HINT
 
 
 # Where manifold mixup mixes. "pool": the pooled features the head reads (Zhang et al. 2021, BagofTricks-LT
@@ -98,7 +91,7 @@ def _step_is_supervised(root, name: str) -> None:
     """Feature-space synthesis hooks the model anew for every batch, in the supervised method's step."""
     if root.method is not None:
         raise ConfigError(f"synth={name} acts in the supervised step, which method={root.method.name} replaces")
-    if getattr(root, "compile", "none") != "none":  # new hooks and new draws each batch: a recompilation each step
+    if root.compile != "none":  # new hooks and new draws each batch: a recompilation each step
         raise ConfigError(f"synth={name} hooks the model anew for every batch, which torch.compile cannot keep; "
                           "use compile=none")  # fmt: skip
 
@@ -133,6 +126,8 @@ class FeatureSmoteConfig(SynthConfig):
     k: int = 5  # nearest same-class neighbours (Chawla et al. 2002)
     amount: float = 1.0  # fraction of each class's gap to the batch's largest class that is filled
     detach: bool = False  # true: synthetic features train the head only (no gradient through h_i)
+    tasks = ("classification",)  # it fills classes toward the batch's largest
+    hint = _CLASSES_HINT
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,7 +135,6 @@ class FeatureSmoteConfig(SynthConfig):
             raise ConfigError("synth.k must be >= 1 and synth.amount in (0, 1]")
 
     def check(self, root) -> None:
-        _classification_only(root, self.name)
         _step_is_supervised(root, self.name)
 
 
@@ -441,7 +435,17 @@ class FeatureSmote:
 
 
 class Synthesizer:
-    """Builds the synthetic samples of one config for one training set."""
+    """The synthetic samples of one option for one training set. One subclass per option, registered with its
+    schema; ``kind`` says where in the batch pipeline it acts:
+
+    - ``replace``: on the raw uint8 batch before augmentation (:meth:`replace`; the feed calls it);
+    - ``mix``: on the normalised batch, two label vectors and a weight (:meth:`mix`; the supervised step);
+    - ``feature``: inside the network's forward through a hook (:meth:`feature_edit`; the supervised step);
+    - ``none``: nothing.
+
+    Every option shares the replacement probabilities ``1 - n_c / n_max`` and the stop epoch (``synth.stop``)."""
+
+    kind: ClassVar[str] = "none"
 
     def __init__(
         self,
@@ -451,88 +455,161 @@ class Synthesizer:
         counts: list[int],
         epochs: int | None = None,
     ) -> None:
-        SYNTHS.get(cfg.name)
         self.stop_epoch = None if cfg.stop is None or epochs is None else epoch_at(cfg.stop, epochs)
-        if cfg.name in ("smote", "noise") and train_x is None:
-            raise ConfigError(
-                f"synth={cfg.name} works on CIFAR-scale tensor data only (image files have no pixel array)"
-            )
         self.cfg = cfg
         self.counts = torch.as_tensor(counts, dtype=torch.float64)
         # Probability that a sample of class c is replaced: 1 - n_c / n_max (0 for the largest class).
         self.replace_p = 1.0 - self.counts / self.counts.max()
-        self.neighbours: torch.Tensor | None = None
-        minority = [c for c in range(len(counts)) if self.replace_p[c] > 0]
-        if cfg.name == "smote":
-            self.neighbours = knn_within_class(train_x, train_y.cpu(), minority, cfg.k)
+        self.minority = [c for c in range(len(counts)) if self.replace_p[c] > 0]
         self.train_y = train_y.cpu()
-        # feature SMOTE's neighbours: a module, so the method that trains with it checkpoints it
-        self.bank = FeatureBank(self.train_y, minority, len(counts)) if cfg.name == "feature_smote" else None
+        self.bank: FeatureBank | None = None  # feature SMOTE's: a module, checkpointed by the method that trains
 
     def active(self, epoch: int) -> bool:
-        return self.cfg.name != "none" and (self.stop_epoch is None or epoch < self.stop_epoch)
+        return self.kind != "none" and (self.stop_epoch is None or epoch < self.stop_epoch)
 
     @property
     def mixes(self) -> bool:
-        return self.cfg.name in ("mixup", "remix")
+        return self.kind == "mix"
 
     @property
     def replaces(self) -> bool:
-        return self.cfg.name in ("smote", "noise")
+        return self.kind == "replace"
 
     @property
     def in_features(self) -> bool:
-        return self.cfg.name in ("manifold_mixup", "feature_smote")
-
-    def feature_edit(self, y: torch.Tensor, index: torch.Tensor | None, gen: torch.Generator):
-        """What the feature-space synthesis does to one batch of labels ``y`` (training indices ``index``, CPU):
-        a :class:`ManifoldMix` or a :class:`FeatureSmote`, its draws made."""
-        if self.cfg.name == "manifold_mixup":
-            return manifold_mix(len(y), self.cfg.alpha, self.cfg.layer, gen)
-        assert self.bank is not None
-        if index is None:
-            raise LtbenchError("synth=feature_smote needs the training indices of the batch")
-        return FeatureSmote(self.bank, self.train_y[index.cpu()], index.cpu(), self.cfg, gen)
+        return self.kind == "feature"
 
     def replace(
         self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, train_x: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SMOTE / noise replacements on a uint8 batch; returns the batch and the mask of replaced samples."""
+        """Replacements on a uint8 batch (``kind == "replace"``); returns the batch and the mask of replaced samples."""
+        raise NotImplementedError(f"synth={self.cfg.name} does not replace samples")
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Mixed:
+        """The mixed batch (``kind == "mix"``)."""
+        raise NotImplementedError(f"synth={self.cfg.name} does not mix inputs")
+
+    def feature_edit(self, y: torch.Tensor, index: torch.Tensor | None, gen: torch.Generator) -> Any:
+        """What the feature-space synthesis does to one batch of labels ``y`` (training indices ``index``, CPU),
+        its draws made (``kind == "feature"``)."""
+        raise NotImplementedError(f"synth={self.cfg.name} does not act on features")
+
+
+def build_synth(
+    cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int], epochs: int | None = None
+) -> Synthesizer:
+    """The registered synthesizer of ``cfg.name`` for this training set."""
+    return SYNTHS.get(cfg.name).builder(cfg, train_x, train_y, counts, epochs)
+
+
+SYNTHS.register("none", SynthConfig)(Synthesizer)
+
+
+@SYNTHS.register("mixup", MixupConfig)
+class Mixup(Synthesizer):
+    """mixup (Zhang et al. 2018): x = lam x_i + (1 - lam) x_j, lam ~ Beta(alpha, alpha), both labels weighted."""
+
+    kind = "mix"
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Mixed:
+        return mixup(x, y, self.cfg.alpha, gen)  # type: ignore[attr-defined]
+
+
+@SYNTHS.register("remix", RemixConfig)
+class Remix(Mixup):
+    """Remix (Chou et al. 2020): mixup's inputs, the label of a pair given to its minority class (kappa, tau)."""
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Mixed:
+        m = super().mix(x, y, gen)
+        c = self.cfg
+        m.lam = remix_labels(m.lam, m.y_a, m.y_b, self.counts.to(y.device), c.kappa, c.tau)  # type: ignore[attr-defined]
+        return m
+
+
+class _Replacing(Synthesizer):
+    """Options that replace the repeats of an over-sampled class on the raw uint8 pixels (tensor data only)."""
+
+    kind = "replace"
+
+    def __init__(self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int],
+                 epochs: int | None = None) -> None:  # fmt: skip
+        if train_x is None:
+            raise ConfigError(
+                f"synth={cfg.name} works on CIFAR-scale tensor data only (image files have no pixel array)"
+            )
+        super().__init__(cfg, train_x, train_y, counts, epochs)
+
+    def replace(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, train_x: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(y)
-        y_cpu = y.cpu()
-        chosen = torch.rand(n, generator=gen, dtype=torch.float64) < self.replace_p[y_cpu]
-        if self.cfg.name == "smote":
-            assert self.neighbours is not None
-            nb = self.neighbours[idx.cpu()]
-            pick = nb[torch.arange(n), torch.randint(0, nb.shape[1], (n,), generator=gen)]
-            chosen &= pick >= 0
-            u = torch.rand(n, generator=gen).to(x.device)[:, None, None, None]
-            partner = train_x[pick.clamp(min=0).to(train_x.device)].to(x.device).float()
-            synth = x.float() + u * (partner - x.float())
-        else:  # noise
-            noise = torch.randn(x.shape, generator=gen).to(x.device) * (self.cfg.sigma * 255.0)
-            synth = x.float() + noise
+        chosen = torch.rand(n, generator=gen, dtype=torch.float64) < self.replace_p[y.cpu()]
+        synth, chosen = self.synthesize(x, idx, train_x, chosen, gen)
         synth = synth.round_().clamp_(0, 255).to(torch.uint8)
         mask = chosen.to(x.device)
         return torch.where(mask[:, None, None, None], synth, x), mask
 
-    def mix(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Mixed:
-        m = mixup(x, y, self.cfg.alpha, gen)
-        if self.cfg.name == "remix":
-            m.lam = remix_labels(m.lam, m.y_a, m.y_b, self.counts.to(y.device), self.cfg.kappa, self.cfg.tau)
-        return m
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.cfg.name, "replace_p": [round(float(p), 4) for p in self.replace_p]}
+    def synthesize(self, x: torch.Tensor, idx: torch.Tensor, train_x: torch.Tensor, chosen: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Float synthetic images for the whole batch, and the mask of those that may replace their original."""
+        raise NotImplementedError
 
 
-for _name, _schema in [
-    ("none", SynthConfig),
-    ("mixup", MixupConfig),
-    ("remix", RemixConfig),
-    ("smote", SmoteConfig),
-    ("noise", NoiseConfig),
-    ("manifold_mixup", ManifoldMixupConfig),
-    ("feature_smote", FeatureSmoteConfig),
-]:
-    SYNTHS.register(_name, _schema)(Synthesizer)
+@SYNTHS.register("smote", SmoteConfig)
+class Smote(_Replacing):
+    """SMOTE (Chawla et al. 2002): x + u (x_nn - x), x_nn one of the k nearest same-class images (L2 on pixels)."""
+
+    def __init__(self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int],
+                 epochs: int | None = None) -> None:  # fmt: skip
+        super().__init__(cfg, train_x, train_y, counts, epochs)
+        assert train_x is not None
+        self.neighbours = knn_within_class(train_x, train_y.cpu(), self.minority, cfg.k)  # type: ignore[attr-defined]
+
+    def synthesize(self, x: torch.Tensor, idx: torch.Tensor, train_x: torch.Tensor, chosen: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        n = len(x)
+        nb = self.neighbours[idx.cpu()]
+        pick = nb[torch.arange(n), torch.randint(0, nb.shape[1], (n,), generator=gen)]
+        chosen &= pick >= 0
+        u = torch.rand(n, generator=gen).to(x.device)[:, None, None, None]
+        partner = train_x[pick.clamp(min=0).to(train_x.device)].to(x.device).float()
+        return x.float() + u * (partner - x.float()), chosen
+
+
+@SYNTHS.register("noise", NoiseConfig)
+class Noise(_Replacing):
+    """Gaussian noise of ``sigma`` (on the [0, 1] pixel scale) added to the replaced images."""
+
+    def synthesize(self, x: torch.Tensor, idx: torch.Tensor, train_x: torch.Tensor, chosen: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        noise = torch.randn(x.shape, generator=gen).to(x.device) * (self.cfg.sigma * 255.0)  # type: ignore[attr-defined]
+        return x.float() + noise, chosen
+
+
+@SYNTHS.register("manifold_mixup", ManifoldMixupConfig)
+class ManifoldMixup(Synthesizer):
+    """Manifold mixup (Verma et al. 2019): mixing hidden representations (:class:`ManifoldMix`)."""
+
+    kind = "feature"
+
+    def feature_edit(self, y: torch.Tensor, index: torch.Tensor | None, gen: torch.Generator) -> ManifoldMix:
+        c = self.cfg
+        return manifold_mix(len(y), c.alpha, c.layer, gen)  # type: ignore[attr-defined]
+
+
+@SYNTHS.register("feature_smote", FeatureSmoteConfig)
+class FeatureSmoteSynth(Synthesizer):
+    """SMOTE on the features the head reads, from a bank of every oversampled image's latest feature."""
+
+    kind = "feature"
+
+    def __init__(self, cfg: SynthConfig, train_x: torch.Tensor | None, train_y: torch.Tensor, counts: list[int],
+                 epochs: int | None = None) -> None:  # fmt: skip
+        super().__init__(cfg, train_x, train_y, counts, epochs)
+        self.bank = FeatureBank(self.train_y, self.minority, len(counts))
+
+    def feature_edit(self, y: torch.Tensor, index: torch.Tensor | None, gen: torch.Generator) -> FeatureSmote:
+        assert self.bank is not None
+        if index is None:
+            raise LtbenchError("synth=feature_smote needs the training indices of the batch")
+        return FeatureSmote(self.bank, self.train_y[index.cpu()], index.cpu(), self.cfg, gen)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ import json, sys
 from pathlib import Path
 src, data, out, strategies = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4].split(",")
 extra = [o for o in sys.argv[6].split(" ") if o]
+base = [o.replace("{data}", data) for o in sys.argv[7].split(" ") if o]
 sys.path.insert(0, str(src))
 import torch
 torch.set_num_threads(int(sys.argv[5]))
@@ -46,8 +47,7 @@ result = {}
 with initialize_config_dir(str(src / "conf"), version_base="1.3"):
     for s in strategies:
         cfg = compose("train", overrides=[
-            "experiment=smoke", f"strategy={s}", f"dataset.root={data}", "dataset.download=false",
-            "dataset.imbalance_ratio=10", "device=cpu", "progress=false", f"results_dir={out / 'results'}", *extra,
+            *base, f"strategy={s}", "device=cpu", "progress=false", f"results_dir={out / 'results'}", *extra,
         ])
         m = run(cfg, out / s)
         rows = (out / s / "epochs.csv").read_text().splitlines()
@@ -58,7 +58,8 @@ with initialize_config_dir(str(src / "conf"), version_base="1.3"):
         h = hashlib.sha256()
         for k in sorted(state):
             h.update(k.encode() + state[k].contiguous().numpy().tobytes())
-        result[s] = {"top1": m["top1"], "per_class_acc": m["per_class_acc"], "split_hash": m["split_hash"],
+        per_group = m.get("per_class_acc", m.get("per_bin_mae"))  # classification, or regression (MAE per bin)
+        result[s] = {"top1": m.get("top1", m.get("mae")), "per_class_acc": per_group, "split_hash": m["split_hash"],
                      "train_loss": losses, "weights_sha256": h.hexdigest()[:16]}
 print("RESULT " + json.dumps(result))
 """
@@ -90,7 +91,11 @@ def write_fixture(root: Path) -> None:
         pickle.dump({b"data": vx.reshape(len(vx), -1), b"labels": list(map(int, vy))}, f)
 
 
-def run_side(src: Path, data: Path, out: Path, strategies: list[str], threads: int, extra: list[str]) -> dict:
+CIFAR_BASE = "experiment=smoke dataset.root={data} dataset.download=false dataset.imbalance_ratio=10"
+
+
+def run_side(src: Path, data: Path, out: Path, strategies: list[str], threads: int, extra: list[str],
+             base: str = CIFAR_BASE) -> dict:  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(
         [
@@ -103,6 +108,7 @@ def run_side(src: Path, data: Path, out: Path, strategies: list[str], threads: i
             ",".join(strategies),
             str(threads),
             " ".join(extra),
+            base,
         ],
         cwd=src,
         capture_output=True,
@@ -132,6 +138,9 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--overrides", nargs="*", default=[], help="more overrides for both sides, e.g. model.width=16")
+    p.add_argument("--base-overrides", default=CIFAR_BASE,
+                   help="the runs' base overrides ({data}: the fixture), e.g. 'experiment=diamonds_dir "
+                   "schedule.epochs=2' for a regression preset")  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -139,7 +148,8 @@ def main() -> None:
         trees = {"base": source_tree(args.base, tmp, "base"), "head": source_tree(args.head, tmp, "head")}
         try:
             res = {
-                k: run_side(src, tmp / "data", tmp / f"out_{k}", args.strategies, args.threads, args.overrides)
+                k: run_side(src, tmp / "data", tmp / f"out_{k}", args.strategies, args.threads, args.overrides,
+                            args.base_overrides)
                 for k, src in trees.items()
             }
         finally:
@@ -154,7 +164,7 @@ def main() -> None:
         same = a == b
         ok &= same
         print(
-            f"{s:12s} {'identical' if same else 'DIFFERENT'}  top-1 {a['top1']:.4f} vs {b['top1']:.4f}  "
+            f"{s:12s} {'identical' if same else 'DIFFERENT'}  top-1/MAE {a['top1']:.4f} vs {b['top1']:.4f}  "
             f"train loss {a['train_loss']} vs {b['train_loss']}"
         )
     print("bit-identical" if ok else "results differ")

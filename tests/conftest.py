@@ -14,6 +14,21 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["experiment=smoke", "progress=false", "device=cpu"]
 
 
+def tiny_cifar(root: Path, ratio: float = 10) -> list[str]:
+    """The overrides that point a run at a tiny CIFAR fixture (``make_cifar``) at imbalance ``ratio``."""
+    return [f"dataset.root={root}", "dataset.download=false", f"dataset.imbalance_ratio={ratio:g}"]
+
+
+@pytest.fixture(scope="module")
+def compose_cfg():
+    """``compose_cfg(*overrides)``: the train config with ``SMOKE`` and the overrides, in a module-wide Hydra
+    context (a test module that needs other base overrides defines its own fixture of this name)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
+
+
 def make_cifar(
     root: Path, num_classes: int = 10, train_per_class: int = 40, test_per_class: int = 10, seed: int = 0
 ) -> Path:

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from conftest import SMOKE, interrupt_at
-from hydra import compose, initialize_config_module
+from conftest import interrupt_at
+from hydra import compose
 
 from ltbench.config import AugmentConfig, to_schema
 from ltbench.core import Batch, Epoch
@@ -154,7 +154,7 @@ def _method(cfg, head: str = "linear", augment: AugmentConfig | None = None, num
     torch.manual_seed(0)
     model = CifarResNet(depth=8, width=4, num_classes=num_classes, head=head)
     base = Supervised(LogitAdjusted([8, 4, 2, 1][:num_classes]), build_task(ClassificationConfig()))
-    method = Contrastive(cfg, base, model, ctx)
+    method = Contrastive(cfg, ctx, model, base)
     return method, model
 
 
@@ -231,12 +231,6 @@ def test_kcl_step_draws_its_positives_from_the_epoch_generator():
 
 
 # ------------------------------------------------------------------------------------------- configuration
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

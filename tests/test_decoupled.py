@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE, interrupt_at
-from hydra import compose, initialize_config_module
+from conftest import interrupt_at
+from hydra import compose
 from torch import nn
 
 from ltbench.classifier import FrozenBackbone, ScaledHead
-from ltbench.config import to_schema
+from ltbench.config import ScheduleConfig, to_schema
 from ltbench.core import Batch, Epoch
 from ltbench.decoupled import (
     CBSoftmaxBCE,
     ClassifierTraining,
     CosNorm,
     LabelAwareSmoothing,
-    LrFactor,
     MaxNorm,
     MetaEmbeddingHead,
     _Attract,
@@ -38,7 +37,7 @@ from ltbench.decoupled import (
 )
 from ltbench.errors import ConfigError
 from ltbench.models.resnet_cifar import CifarResNet
-from ltbench.optim import build_optimizer, model_groups
+from ltbench.optim import ParamGroup, build_optimizer, model_groups, stage_groups
 from ltbench.runner import run
 from ltbench.tasks.classification import Classification, ClassificationConfig
 
@@ -126,26 +125,30 @@ def test_shift_bn_changes_only_batchnorm_running_statistics():
     assert not frozen.backbone.training  # the default keeps stage-1 statistics (tests/test_stages.py)
 
 
-def test_lr_factor_equals_sgd_at_the_lower_lr():
-    """A gradient hook factor * (g + wd p) with no optimiser weight decay = SGD at factor x lr with weight decay wd
-    (momentum, Nesterov or not), even for a parameter used twice in the forward pass."""
-    for nesterov in (False, True):
-        torch.manual_seed(0)
-        a = nn.Linear(4, 3)
-        b = copy.deepcopy(a)
-        opt_a = torch.optim.SGD(a.parameters(), lr=0.1 * 0.2, momentum=0.9, weight_decay=0.05, nesterov=nesterov)
-        opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=nesterov)
-        factor = LrFactor(b.parameters(), 0.2, 0.05)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(6):
-            x, x2, y = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,))
-            for net, opt in ((a, opt_a), (b, opt_b)):
-                opt.zero_grad()
-                F.cross_entropy(net(x) + net(x2), y).backward()
-                opt.step()
-        assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
-        factor.remove()
-        assert factor.handles == []
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_an_lr_factor_group_is_the_references_separate_group_for_any_optimiser(optimizer):
+    """A method's group of model parameters with its own lr factor and weight decay (``stage_groups``) trains them
+    as the references' separate optimiser group at factor x lr does (MiSLAS train_stage2.py, OLTR's per-module
+    SGD), exactly, with momentum or Adam; the rest of the module stays in the model's groups."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    sched = ScheduleConfig(lr=0.1, optimizer=optimizer, weight_decay=1e-3)
+    groups = stage_groups(b, [], [ParamGroup("classifier", list(b[1].parameters()), lr_scale=0.2, weight_decay=0.05)])
+    assert [g.name for g in groups] == ["params", "classifier"] and len(groups[0].params) == 2
+    opt_b = build_optimizer(sched, groups)
+    ref = [{"params": a[0].parameters(), "lr": 0.1, "weight_decay": 1e-3},
+           {"params": a[1].parameters(), "lr": 0.02, "weight_decay": 0.05}]  # fmt: skip
+    opt_a = torch.optim.SGD(ref, lr=0.1, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(ref, lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x, x2, y = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,))
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            F.cross_entropy(net(x) + net(x2), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
 
 
 def _stub_ctx(model: nn.Module, counts: list[int]):
@@ -178,8 +181,10 @@ def test_mislas_stage2_update_equals_the_references_two_group_sgd():
     m = MiSLAS(cfg)
     net = FrozenBackbone(model, m.head(model, "linear", 3), m.backbone_mode)
     method = m.method(_stub_ctx(model, COUNTS), net)
-    assert method.no_decay(net) == ["head.head.weight", "head.head.bias"]
-    opt = build_optimizer(cfg.schedule, model_groups(method.wrap(net), method.no_decay(net)))
+    groups = stage_groups(method.wrap(net), method.no_decay(net), method.param_groups())
+    assert [(g.name, g.lr_scale, g.weight_decay, len(g.params)) for g in groups] == [
+        ("params", 1.0, None, 1), ("classifier", 0.5, 2e-4, 2)]  # fmt: skip
+    opt = build_optimizer(cfg.schedule, groups)
     ref_opt = torch.optim.SGD([{"params": ref_cls.parameters(), "lr": 0.05}, {"params": [ref_scales], "lr": 0.1}],
                               lr=0.1, momentum=0.9, weight_decay=2e-4)  # fmt: skip
     las = LabelAwareSmoothing(COUNTS, 0.3, 0.0)
@@ -225,11 +230,14 @@ def test_oltr_builds_its_memory_and_lr_factors():
     method = m.method(ctx, net)
     expected = feature_means(ctx.predict(model, "train", True), ctx.data.train_y, 3)
     assert torch.allclose(net.head.centroids, expected)
-    names = method.no_decay(net)
-    assert "net.head.centroids" in names and "net.backbone.conv1.weight" in names
-    assert not any(n.startswith("net.head.") and n != "net.head.centroids" for n in names)
-    method.release()
-    assert all(f.handles == [] for f in method.factors)
+    module = method.wrap(net)
+    groups = {g.name: g for g in stage_groups(module, method.no_decay(net), method.param_groups())}
+    assert {n: (g.lr_scale, g.weight_decay) for n, g in groups.items() if n != "params"} == {
+        "centroids": (0.1, 5e-4), "backbone": (0.1, 5e-4)}  # fmt: skip
+    assert groups["centroids"].params == [net.head.centroids]
+    assert {id(p) for p in groups["backbone"].params} == {id(p) for p in model.parameters() if p.requires_grad}
+    in_model = {id(p) for g in groups.values() for p in g.params}
+    assert in_model == {id(p) for p in module.parameters() if p.requires_grad}  # each parameter in one group
 
 
 # ------------------------------------------------------------------------------------------------ weight balancing
@@ -337,10 +345,10 @@ def test_discriminative_centroid_loss_values_and_gradients():
 # ------------------------------------------------------------------------------------------------ configs
 
 
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
+def test_lr_factors_compose_with_any_optimiser(compose_cfg):
+    """The factors are optimiser groups (exact for Adam too), so a non-SGD stage 2 is no longer refused."""
+    for name in ("mislas", "oltr"):
+        assert to_schema(compose_cfg(f"classifier={name}", "classifier.schedule.optimizer=adam")).classifier
 
 
 @pytest.mark.parametrize(
@@ -348,8 +356,6 @@ def compose_cfg():
     [
         (["classifier=mislas", "classifier.shape=exp"], "needs classifier.power"),
         (["classifier=mislas", "classifier.eps_head=1.5"], "eps_head"),
-        (["classifier=mislas", "classifier.schedule.optimizer=adam"], "only for SGD"),
-        (["classifier=oltr", "classifier.schedule.optimizer=adamw"], "only for SGD"),
         (["classifier=wb", "model.head=cosine"], "linear stage-1 head"),
         (["classifier=oltr", "model.head=cosine"], "linear stage-1 head"),
         (["classifier=wb", "classifier.beta=1.0"], "beta"),

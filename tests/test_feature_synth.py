@@ -33,8 +33,8 @@ from ltbench.synth import (
     FeatureSmote,
     FeatureSmoteConfig,
     ManifoldMixupConfig,
-    Synthesizer,
     beta_sample,
+    build_synth,
     manifold_mix,
 )
 from ltbench.tasks.classification import Classification, ClassificationConfig
@@ -47,7 +47,7 @@ def _train_y() -> torch.Tensor:
 
 
 def _method(cfg, epochs: int = 4) -> Supervised:
-    synth = Synthesizer(cfg, None, _train_y(), COUNTS, epochs)
+    synth = build_synth(cfg, None, _train_y(), COUNTS, epochs)
     return Supervised(CrossEntropy(COUNTS), Classification(ClassificationConfig()), synth=synth)
 
 

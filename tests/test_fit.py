@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMOKE, interrupt_at
-from hydra import compose, initialize_config_module
+from conftest import interrupt_at
 from torch import nn
 
 import ltbench.fit as fit_mod
@@ -137,12 +136,6 @@ def test_lr_schedule_reference_shape():
     f = ScheduleConfig(epochs=16, lr=0.03, warmup=0.0, decay="fixmatch", milestones=[])  # FixMatch: cos(7 pi t / 16)
     assert lr_at(0, f) == pytest.approx(0.03) and lr_at(8, f) == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
     assert lr_at(15, f) == pytest.approx(0.03 * math.cos(7 * math.pi * 15 / 256))
-
-
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
 
 
 def _fixture(root, tmp):

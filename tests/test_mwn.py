@@ -15,8 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE
-from hydra import compose, initialize_config_module
+from hydra import compose
 from torch import nn
 
 import ltbench.fit as fit_mod
@@ -30,13 +29,6 @@ from ltbench.methods.supervised import Supervised
 from ltbench.optim import lr_at
 from ltbench.runner import CHECKPOINT, run
 from ltbench.tasks.classification import Classification, ClassificationConfig
-
-
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
-
 
 # ------------------------------------------------------------------------------------------------ the pieces
 
@@ -158,12 +150,20 @@ def _ctx(data, num_classes, seed=0, augment=None):
         ),
         stats=SimpleNamespace(counts=[int(c) for c in torch.bincount(data.train_y, minlength=num_classes)]),
         device=torch.device("cpu"),
+        feed=_feed(data),
     )
+
+
+def _feed(data):
+    """The stage's feed over ``data`` (its split_batch serves the meta batches)."""
+    from ltbench.feed import DataFeed
+
+    return DataFeed(data, SimpleNamespace(num_workers=0), torch.device("cpu"))
 
 
 def _mwn(data, num_classes, cfg=None, augment=None):
     base = Supervised(CrossEntropy([1] * num_classes), Classification(ClassificationConfig()))
-    return MWN(cfg or MWNConfig(), base, None, _ctx(data, num_classes, augment=augment))
+    return MWN(cfg or MWNConfig(), _ctx(data, num_classes, augment=augment), None, base)
 
 
 def _fake_data(n_val=20, num_classes=3):
@@ -172,6 +172,7 @@ def _fake_data(n_val=20, num_classes=3):
         name="fake", kind="tensor", num_classes=num_classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
         val_x=torch.randint(0, 256, (n_val, 3, 8, 8), generator=g, dtype=torch.uint8),
         val_y=torch.arange(n_val) % num_classes, train_y=torch.tensor([0, 0, 0, 1, 1, 2]),
+        train_x=torch.zeros(6, 3, 8, 8, dtype=torch.uint8), unlabeled_x=None, unlabeled_y=None,
     )  # fmt: skip
 
 

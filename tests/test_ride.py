@@ -12,8 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMOKE
-from hydra import compose, initialize_config_module
 
 import ltbench.fit as fit_mod
 from ltbench.config import epoch_at, to_schema
@@ -42,12 +40,6 @@ from ltbench.tasks import build_task
 from ltbench.tasks.classification import ClassificationConfig
 
 COUNTS = [50, 20, 8, 3]
-
-
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
 
 
 def _fixture(root, tmp_path):
@@ -100,8 +92,9 @@ def _reference_ride_loss(expert_cos, target, counts, s, factor, weights, tempera
     output = torch.stack(logits, 1).mean(1)
     loss = 0.0
     for item in logits:
+        ride_loss_logits = output if factor == 0 else item  # `additional_diversity_factor == 0`: the mean output
         onehot = F.one_hot(target, item.shape[1]).bool()
-        final = torch.where(onehot, item - (m[target] * s)[:, None], item)
+        final = torch.where(onehot, ride_loss_logits - (m[target] * s)[:, None], ride_loss_logits)
         loss = loss + F.cross_entropy(final, target, weight=weights)
         t = temperature if temperature is not None else 1.0
         t_mean = temperature.mean().item() if temperature is not None else 1.0
@@ -135,7 +128,7 @@ def _ride(epochs=10, counts=COUNTS, cfg=None):
     drw = Reweighting(EffectiveNumberConfig(name="effective_number", beta=0.9999, start=0.8), counts, epochs)
     base = Supervised(LDAM(counts, max_m=0.5, s=30.0), task, drw)
     ctx = SimpleNamespace(stats=SimpleNamespace(counts=counts))
-    return RideMethod(cfg or RideConfig(), base, None, ctx)
+    return RideMethod(cfg or RideConfig(), ctx, None, base)
 
 
 def _epoch(index, epochs=10):
@@ -174,6 +167,20 @@ def test_ride_step_equals_the_reference_loss(epoch):
     )
     torch.testing.assert_close(loss, ref)
     assert int(sums["correct"]) == int((cos.mean(0).argmax(1) == y).sum())
+
+
+def test_without_the_diversity_term_every_expert_trains_on_the_mean_output():
+    """frank-xwang/RIDE model/loss.py: with additional_diversity_factor 0 each expert's LDAM term is taken on the
+    ensemble's mean logits (ltbench took each expert's own: 11-12 apart at initialisation)."""
+    torch.manual_seed(3)
+    method = _ride(cfg=RideConfig(diversity_factor=0.0))
+    cos = torch.rand(3, 6, 4) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    method.on_epoch_start(_epoch(2))
+    loss, _ = method.step(lambda x: cos, Batch(torch.zeros(6, 1), y), _epoch(2))
+    torch.testing.assert_close(loss, _reference_ride_loss(list(cos), y, COUNTS, 30.0, 0.0, None, None))
+    own = _reference_ride_loss(list(cos), y, COUNTS, 30.0, -1e-12, None, None)  # each expert's own logits
+    assert abs(float(own) - float(loss)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ the router
@@ -303,10 +310,10 @@ def test_ride_refuses_models_without_experts(compose_cfg, overrides, match):
         to_schema(compose_cfg(*overrides))
 
 
-def test_ride_refuses_regression():
-    root = SimpleNamespace(task=SimpleNamespace(name="regression"), model=SimpleNamespace(num_experts=3), semi=None)
-    with pytest.raises(ConfigError, match="classification"):
-        RideConfig().check(root)
+def test_ride_refuses_regression(compose_cfg):
+    assert RideConfig.tasks == ("classification",)  # declared, and checked once at compose time
+    with pytest.raises(ConfigError, match="method=ride needs task=classification"):
+        to_schema(compose_cfg("experiment=agedb_dir", "method=ride"))
 
 
 @pytest.mark.parametrize("name", ["ride", "ride_ea"])

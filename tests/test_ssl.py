@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SMOKE, interrupt_at, make_cifar
-from hydra import compose, initialize_config_module
+from hydra import compose
 from test_e2e import ltbench
 from torch import nn
 
@@ -123,18 +123,43 @@ def test_abc_keep_probabilities_follow_the_definitions():
         assert (1 - progress * (1 - keep_labeled)).tolist() == pytest.approx(expected)
 
 
+def test_simsiam_encodes_each_view_on_its_own_as_the_reference():
+    """facebookresearch/simsiam simsiam/builder.py SimSiam.forward: z1 = encoder(x1), z2 = encoder(x2),
+    p = predictor(z); main_simsiam.py: loss = -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) * 0.5.
+    In train mode BatchNorm's statistics are those of one view, so one batch of both views gives another loss."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from ltbench.methods.ssp import SimSiamNet
+    from ltbench.models.resnet_cifar import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(8, 4, 3)
+    proj = nn.Sequential(nn.Linear(model.feature_dim, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, 16, bias=False), nn.BatchNorm1d(16, affine=False))  # fmt: skip
+    pred = nn.Sequential(nn.Linear(16, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 16))
+    net = SimSiamNet(model, proj, pred).train()
+    x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+
+    def encoder(x):
+        return proj(model.features(x))
+
+    z1, z2 = encoder(x1), encoder(x2)
+    p1, p2 = pred(z1), pred(z2)
+    ref = -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) * 0.5
+    torch.testing.assert_close(net(x1, x2), ref)
+    z = proj(model.features(torch.cat([x1, x2])))  # what ltbench did: one batch of 2N
+    p = pred(z)
+    joint = -(F.cosine_similarity(p[:6], z[6:]).mean() + F.cosine_similarity(p[6:], z[:6]).mean()) / 2
+    assert abs(float(joint) - float(ref)) > 1e-4
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
 @pytest.fixture(scope="module")
 def ssl_root(tmp_path_factory):
     return make_cifar(tmp_path_factory.mktemp("ssl_cifar"), 10, train_per_class=60, test_per_class=10)
-
-
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
 
 
 def ssl_data(root):

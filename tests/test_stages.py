@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMOKE
-from hydra import compose, initialize_config_module
 from test_e2e import ltbench
 from torch import nn
 
@@ -111,12 +110,6 @@ def test_validation_split_is_disjoint_seeded_and_says_what_is_missing():
     assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
     train0, _ = lt_split(labels, [50, 30, 10, 5], seed=0, val_per_class=0)
     assert np.array_equal(train0, train)  # holding out validation never changes the training subset
-
-
-@pytest.fixture(scope="module")
-def compose_cfg():
-    with initialize_config_module("ltbench.conf", version_base="1.3"):
-        yield lambda *o: compose("train", overrides=[*SMOKE, *o])
 
 
 def test_stage1_key_shared_by_stage2_methods_and_sensitive_to_stage1(compose_cfg):

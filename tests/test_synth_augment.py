@@ -3,7 +3,7 @@ import torch
 
 from ltbench.config import AugmentConfig
 from ltbench.data.augment import augment_batch, cutout, random_crop
-from ltbench.synth import NoiseConfig, SmoteConfig, Synthesizer, knn_within_class, mixup, remix_labels
+from ltbench.synth import NoiseConfig, SmoteConfig, build_synth, knn_within_class, mixup, remix_labels
 
 
 def test_random_crop_equals_a_window_of_the_padded_image():
@@ -83,7 +83,7 @@ def test_knn_neighbours_are_same_class_nearest():
 
 def test_smote_points_lie_on_segments_to_same_class_neighbours():
     x, y = _two_class_set()
-    s = Synthesizer(SmoteConfig(k=3), x, y, [50, 10])
+    s = build_synth(SmoteConfig(k=3), x, y, [50, 10])
     assert s.replace_p.tolist() == pytest.approx([0.0, 0.8])
     idx = torch.arange(60).repeat(5)
     out, mask = s.replace(x[idx], y[idx], idx, x, torch.Generator().manual_seed(0))
@@ -104,7 +104,7 @@ def test_smote_points_lie_on_segments_to_same_class_neighbours():
 
 def test_noise_copies_only_minority():
     x, y = _two_class_set()
-    s = Synthesizer(NoiseConfig(sigma=0.1), x, y, [50, 10])
+    s = build_synth(NoiseConfig(sigma=0.1), x, y, [50, 10])
     idx = torch.arange(60)
     out, mask = s.replace(x, y, idx, x, torch.Generator().manual_seed(0))
     assert torch.equal(out[:50], x[:50])

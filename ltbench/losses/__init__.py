@@ -48,7 +48,6 @@ def batch_mean(per_sample: torch.Tensor, w: torch.Tensor | None, reduction: str)
 class LTLoss(nn.Module):
     """Base class: subclasses implement ``per_sample(outputs, target)`` (unweighted) and ``from_config``."""
 
-    task = "classification"  # the task whose outputs and targets the loss takes
 
     def __init__(self, counts: Sequence[int] | LabelStats) -> None:
         super().__init__()

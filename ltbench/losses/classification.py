@@ -22,12 +22,8 @@ def _check_smoothing(value: float) -> None:
 class ClassificationLossConfig(LossConfig):
     """Base of the classification losses' schemas: they need class logits."""
 
-    def check(self, root) -> None:
-        if root.task.name != "classification":
-            raise ConfigError(
-                f"loss={self.name} is a classification loss; with task={root.task.name} use mse, l1, huber, "
-                "focal_r or bmse"
-            )
+    tasks = ("classification",)
+    hint = "for regression use loss=mse, l1, huber, focal_r or bmse"
 
 
 @dataclass

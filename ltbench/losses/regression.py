@@ -38,7 +38,6 @@ class RegressionLoss(LTLoss):
     """Base of the regression losses: ``residual`` is prediction minus normalised target; the mean divides by the
     batch size whatever the weights (the DIR convention)."""
 
-    task = "regression"
 
     def __init__(self, stats) -> None:
         super().__init__(stats)

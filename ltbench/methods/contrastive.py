@@ -1,6 +1,6 @@
 """Supervised contrastive learning next to the classifier: BCL, SupCon and KCL (``method=bcl|supcon|kcl``).
 
-Every training image gets three views, made on the device from the raw uint8 batch (``raw_inputs``): view 0 for the
+Every training image gets three views, made on the device from the raw uint8 batch (``inputs = "raw"``): view 0 for the
 classifier, views 1 and 2 for the contrastive loss; the 3B images go through the backbone in one batch (so BatchNorm
 sees all of them, as in the references). The loss of a step is
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.methods import METHODS, Method
 from ltbench.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 # synth options that act on the raw images before augmentation (applied here, since the feed hands over raw images)
 REPLACING_SYNTHS = ("none", "smote", "noise")
@@ -212,13 +215,11 @@ class ContrastiveConfig(MethodConfig):
                 "blur in [0, 1] and cosine_scale > 0 are needed"
             )
 
+    tasks = ("classification",)  # it contrasts classes
+    reads = ("images",)  # augmented views of images
+
     def check(self, root: Any) -> None:
         what = f"method={self.name}"
-        if root.dataset.inputs != "images":
-            raise ConfigError(f"{what} contrasts augmented views of images; dataset={root.dataset.name} gives "
-                              f"{root.dataset.inputs}")  # fmt: skip
-        if root.task.name != "classification":
-            raise ConfigError(f"{what} contrasts classes: it needs task=classification, not {root.task.name}")
         if root.semi is not None:
             raise ConfigError(f"{what} does not combine with semi={root.semi.name}")
         if root.synth.name not in REPLACING_SYNTHS:
@@ -302,9 +303,9 @@ class Contrastive(Method):
     """Three views per image: the run's loss on view 0, a supervised contrastive loss on views 1 and 2 (BCL, SupCon
     or KCL), on top of the stage's supervised method."""
 
-    raw_inputs = True  # the feed hands over the uint8 images; the method makes and normalises its views
+    inputs = "raw"  # the feed hands over the uint8 images; the method makes and normalises its views
 
-    def __init__(self, cfg: ContrastiveConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: ContrastiveConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
         self.cfg, self.base = cfg, base
         self.mean, self.std = ctx.data.mean, ctx.data.std

@@ -44,7 +44,7 @@ support); evaluation still uses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,10 @@ from torch.func import functional_call
 from ltbench.config import run_level
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError, DataError
-from ltbench.methods import METHODS, Method, MethodConfig
+from ltbench.methods import METHODS, Method, MethodConfig, Streams
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 
 def _curve_grid() -> list[float]:
@@ -75,7 +78,8 @@ class MWNConfig(MethodConfig):
     meta_batch_size: int = 100  # images of the validation split per step (all of them when it holds fewer)
     meta_augment: bool = True  # meta images get the run's training augmentation, as the reference's meta loader
     curve: list[float] = run_level(factory=_curve_grid)  # losses at which the record shows the learned v(loss)
-    selects_on_validation = True  # (a class attribute): the meta set is the validation split, every class in it
+    selects_on_validation = True  # the meta set is the validation split, every class in it
+    tasks = ("classification",)  # it weights classification losses
 
     def __post_init__(self) -> None:
         ok = self.hidden >= 1 and self.meta_lr > 0 and 0 <= self.meta_momentum < 1 and self.meta_weight_decay >= 0
@@ -86,23 +90,15 @@ class MWNConfig(MethodConfig):
             )
 
     def check(self, root: Any) -> None:
-        from ltbench.data import ImageFilesConfig
-
         if root.dataset.val_per_class < 1:
             raise ConfigError(
                 "method=mwn learns its weighting net on the validation split (the meta set): "
                 "set dataset.val_per_class >= 1"
             )
-        if root.task.name != "classification":
-            raise ConfigError(f"method=mwn weights classification losses (task={root.task.name})")
         if root.reweight.name != "none" or root.synth.name != "none":
             raise ConfigError(
                 f"method=mwn learns each sample's weight itself: it does not combine with "
                 f"reweight={root.reweight.name} or synth={root.synth.name} (use none)"
-            )
-        if isinstance(root.dataset, ImageFilesConfig):
-            raise ConfigError(
-                f"method=mwn keeps its meta set on the device: a tensor dataset (CIFAR-LT), not {root.dataset.name}"
             )
 
 
@@ -158,13 +154,15 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 class MWN(Method):
     """Meta-Weight-Net on top of the stage's supervised method (its loss gives the per-sample losses)."""
 
-    def __init__(self, cfg: MWNConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    streams = Streams(validation=True)  # its meta batches: the validation split, through the stage's feed
+
+    def __init__(self, cfg: MWNConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
         if ctx.info.enabled:
             raise ConfigError("method=mwn trains in one process (its look-ahead is not distributed): no torchrun")
         data = ctx.data
-        if data.kind not in ("tensor", "features") or data.val_x is None or len(data.val_y) < 2:
-            raise DataError(f"method=mwn needs a validation split of images on the device; {data.name} gives none")
+        if len(data.val_y) < 2:
+            raise DataError(f"method=mwn needs a validation split (the meta set); {data.name} gives none")
         self.cfg, self.base = cfg, base
         from ltbench.seeding import derive_seed
 
@@ -173,8 +171,7 @@ class MWN(Method):
             self.vnet = VNet(cfg.hidden).to(ctx.device)
         self.vopt = torch.optim.SGD(self.vnet.parameters(), lr=cfg.meta_lr, momentum=cfg.meta_momentum,
                                     nesterov=cfg.meta_nesterov, weight_decay=cfg.meta_weight_decay)  # fmt: skip
-        self.val_x, self.val_y = data.val_x.to(ctx.device), data.val_y.to(ctx.device)
-        self.kind, self.mean, self.std = data.kind, data.mean, data.std
+        self.feed, self.num_val = ctx.feed, len(data.val_y)
         self.augment = ctx.cfg.augment if cfg.meta_augment else None
         self.meta_classes = [int(c) for c in torch.bincount(data.val_y, minlength=data.num_classes)]
         from ltbench.metrics import class_groups
@@ -186,15 +183,10 @@ class MWN(Method):
     # ------------------------------------------------------------------------------------------ one step
 
     def meta_batch(self, ep: Epoch) -> Batch:
-        """A batch of the validation split (``index``: positions in it), drawn without replacement with ``ep.gen``."""
-        from ltbench.feed import tensor_batches
-
-        pos = torch.randperm(len(self.val_y), generator=ep.gen)[: self.cfg.meta_batch_size]
-        if self.kind == "features":
-            dev = pos.to(self.val_y.device)
-            return Batch(self.val_x[dev], self.val_y[dev], pos)
-        return next(tensor_batches(self.val_x, self.val_y, pos, batch_size=len(pos), mean=self.mean, std=self.std,
-                                   augment=self.augment, synth=None, synth_on=False, gen=ep.gen))  # fmt: skip
+        """A batch of the validation split (``index``: positions in it), drawn without replacement with ``ep.gen``,
+        from the stage's feed (device tensors, or image files through the loader)."""
+        pos = torch.randperm(self.num_val, generator=ep.gen)[: self.cfg.meta_batch_size]
+        return self.feed.split_batch("val", pos, self.augment, ep.gen)
 
     def meta_update(self, model: nn.Module, losses: torch.Tensor, ep: Epoch) -> torch.Tensor:
         """One SGD step of the VNet on the look-ahead's meta loss; returns that loss (detached)."""

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltbench.classifier import CLASSIFIERS, RetrainConfig
+from ltbench.classifier import CLASSIFIERS, ClassifierMethod, RetrainConfig
 from ltbench.config import ScheduleConfig
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError, LtbenchError
@@ -46,14 +46,15 @@ from ltbench.losses import mixed_loss
 from ltbench.methods import METHODS, Method, MethodConfig
 from ltbench.models.ride import ExpertHead
 
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
+
 
 def _num_experts(root: Any) -> int | None:
     return getattr(root.model, "num_experts", None)
 
 
 def _check_experts(root: Any, what: str, minimum: int) -> None:
-    if root.task.name != "classification":
-        raise ConfigError(f"{what} is a classification method (task={root.task.name})")
     n = _num_experts(root)
     if n is None or n < minimum:
         has = "has no experts" if n is None else f"has {n} expert(s)"
@@ -100,6 +101,8 @@ class RideConfig(MethodConfig):
         if not self.temperature > 0 or not 0 <= self.reweight_factor < 1:
             raise ConfigError("method.temperature must be > 0 and method.reweight_factor in [0, 1)")
 
+    tasks = ("classification",)
+
     def check(self, root: Any) -> None:
         _check_experts(root, "method=ride", 1)
         if root.semi is not None:
@@ -122,7 +125,7 @@ class ExpertsNet(nn.Module):
 class RideMethod(Method):
     """RIDE's loss over the experts, on top of the supervised method of the stage (its loss, re-weighting, synth)."""
 
-    def __init__(self, cfg: RideConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: RideConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
         self.cfg, self.base = cfg, base
         self.scale = logit_scale(base.loss_fn)  # type: ignore[attr-defined]
@@ -150,10 +153,14 @@ class RideMethod(Method):
             z = net(mixed.x if mixed else x)
         z = z.float()
         loss_fn, w = b.loss_fn, b.weight  # type: ignore[attr-defined]
+        # frank-xwang/RIDE model/loss.py RIDELoss.forward: `ride_loss_logits = output_logits if
+        # additional_diversity_factor == 0 else logits_item`: without the diversity term every expert's base term
+        # is taken on the ensemble's mean output
+        per_expert = [z.mean(0)] * len(z) if self.cfg.diversity_factor == 0 else list(z)
         if mixed is not None:
-            base = torch.stack([mixed_loss(loss_fn, zj, mixed.y_a, mixed.y_b, mixed.lam, w) for zj in z])
+            base = torch.stack([mixed_loss(loss_fn, zj, mixed.y_a, mixed.y_b, mixed.lam, w) for zj in per_expert])
         else:
-            base = torch.stack([loss_fn(zj, y, w) for zj in z])
+            base = torch.stack([loss_fn(zj, y, w) for zj in per_expert])
         div = diversity_terms(self.scale * z, self.temperature(), self.cfg.diversity_factor)
         loss = base.sum() + div.sum()
         n = len(y)
@@ -326,16 +333,14 @@ def routing_summary(count: torch.Tensor, num_experts: int) -> dict[str, Any]:
     return {"mean": round(float(count.double().mean()), 4), "fraction": [round(float(v), 4) for v in hist]}
 
 
-class RideRouter:
+class RideRouter(ClassifierMethod):
     """classifier=ride_router: a :class:`RoutedHead` trained on the frozen stage-1 model (ClassifierStage's
     ``head`` / ``method`` / ``chosen`` interface)."""
 
-    fits = True
-    needs: tuple[str, ...] = ()
-
-    def __init__(self, cfg: RouterConfig) -> None:
-        self.cfg = cfg
-        self._ctx: Any = None
+    def __init__(self, cfg: RouterConfig, ctx: StageContext | None = None, model: nn.Module | None = None,
+                 base: Method | None = None) -> None:  # fmt: skip
+        super().__init__(cfg)
+        self._ctx: StageContext | None = None
         self._net: nn.Module | None = None
 
     def head(self, model: nn.Module, head_name: str, num_classes: int) -> RoutedHead:
@@ -345,7 +350,7 @@ class RideRouter:
         router = Router(experts.num_experts, experts.in_features, num_classes, self.cfg.top_k, self.cfg.hidden)
         return RoutedHead(experts, router)
 
-    def method(self, ctx: Any, net: nn.Module) -> RouterMethod:
+    def method(self, ctx: StageContext, net: nn.Module) -> RouterMethod:
         net.head.scale.fill_(logit_scale(ctx.cfg.loss))
         self._ctx, self._net = ctx, net
         return RouterMethod(self.cfg, ctx.task)
@@ -358,7 +363,7 @@ class RideRouter:
             out["experts_per_image_val"] = self._routing(head, ctx.predict(self._net, "val", features=True))[1]
         return out
 
-    def outputs(self, ctx: Any, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def outputs(self, ctx: StageContext, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # type: ignore[override]
         """The routed test outputs (the one pass over the test set) and the experts consulted per test image: what
         ClassifierStage can hand to the runner as the stage's final test outputs (the validation figure is in
         :meth:`chosen`)."""

@@ -23,8 +23,9 @@ are never trained on) is recorded in metrics.json (``pseudo_labels``) and plotte
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,11 @@ from torch import nn
 from ltbench.config import SemiConfig
 from ltbench.core import Batch, Epoch, Totals, autocast
 from ltbench.errors import ConfigError
-from ltbench.methods import SEMI, Method
+from ltbench.methods import SEMI, Method, Streams
 from ltbench.methods.ssp import HeadNet
+
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 
 @dataclass
@@ -42,13 +46,13 @@ class SemiBase(SemiConfig):
     """Shared settings: ``mu`` unlabeled images per labeled image in a step."""
 
     mu: float = 2.0
-    label_suffix = "+SSL"  # (a class attribute): how the method is named in the report
+    label_suffix = "+SSL"  # how the method is named in the report
+    tasks = ("classification",)
+    reads = ("images",)
 
     def check(self, root: Any) -> None:
-        if not getattr(root.dataset, "unlabeled", False):
+        if not root.dataset.unlabeled:
             raise ConfigError(f"semi={self.name} needs unlabeled data: a dataset like cifar10lt_ssl")
-        if root.task.name != "classification" or root.dataset.inputs != "images":
-            raise ConfigError(f"semi={self.name} is for image classification")
         if root.synth.name != "none" or root.method is not None:
             raise ConfigError(f"semi={self.name} does not combine with synth={root.synth.name} or method=...")
         if not self.mu > 0:
@@ -128,21 +132,27 @@ class FixMatchConfig(SemiBase):
 class FixMatch(Method):
     """FixMatch on top of the stage's supervised method (its loss and re-weighting on the labeled batch)."""
 
-    unlabeled = True
+    streams = Streams(unlabeled=True)
 
     def unlabeled_batch(self, batch_size: int, num_labeled: int, num_unlabeled: int) -> int:
         return mu_batch(self.cfg.mu, batch_size)
 
-    def __init__(self, cfg: FixMatchConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: FixMatchConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
         self.cfg, self.base = cfg, base
         self.mean, self.std = ctx.data.mean, ctx.data.std
         self.stats = PseudoLabelStats(ctx.data.num_classes)
         self.add_modules(model, ctx)
         self.ema = EMA(self.wrap(model), cfg.ema)  # the network as trained, averaged
-        self._net: nn.Module | None = None
+        self._net: list[nn.Module] = []  # the module trained last step (a list: not a submodule, not in the state)
 
-    def add_modules(self, model: nn.Module, ctx: Any) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """As nn.Module's; checkpoints written before the trained network was kept out of the state (their
+        ``_net.*`` entries, a copy of the network the checkpoint holds anyway) load too."""
+        kept = {k: v for k, v in state_dict.items() if not k.startswith("_net.")}
+        return super().load_state_dict(kept, strict=strict, assign=assign)
+
+    def add_modules(self, model: nn.Module, ctx: StageContext) -> None:
         """Hook for subclasses that train modules of their own (made before the EMA copy)."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -158,7 +168,7 @@ class FixMatch(Method):
     def forward_all(self, net: nn.Module, batch: Batch, ep: Epoch) -> tuple[torch.Tensor, ...]:
         """Outputs of the labeled batch, the weak and the strong views, from one forward pass."""
         assert batch.unlabeled is not None
-        self._net = net
+        self._net[:] = [net]
         weak, strong = self.views(batch.unlabeled.x, ep.gen)
         with autocast(batch.x.device, ep.amp):
             out = net(torch.cat([batch.x, weak, strong]))
@@ -185,8 +195,9 @@ class FixMatch(Method):
         self.stats.reset()
 
     def after_step(self, ep: Epoch, totals: Totals) -> None:
-        if self._net is not None:
-            self.ema.update(getattr(self._net, "module", self._net))  # (DDP wraps the network in .module)
+        if self._net:
+            net = self._net[0]
+            self.ema.update(net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         return self.ema.module
@@ -225,7 +236,7 @@ class ABCNet(HeadNet):
 class ABC(FixMatch):
     """FixMatch with the auxiliary balanced classifier (ABC), which classifies at test time."""
 
-    def add_modules(self, model: nn.Module, ctx: Any) -> None:
+    def add_modules(self, model: nn.Module, ctx: StageContext) -> None:
         self.abc_head = nn.Linear(model.feature_dim, ctx.data.num_classes)
         counts = torch.as_tensor(ctx.stats.counts, dtype=torch.float32)
         self.register_buffer("keep_labeled", counts[counts > 0].min() / counts.clamp(min=1))  # N_min / N_k
@@ -259,6 +270,7 @@ class PseudoLabelConfig(SemiBase):
     name: str = "pseudo_label"
     weight: float = 1.0  # of a pseudo-labeled image's loss, against a labeled one's
     label_suffix = "+PL"
+    base_stage = True  # a stage before the training stage trains the base classifier and labels the unlabeled set
 
     def check(self, root: Any) -> None:
         super().check(root)
@@ -272,13 +284,12 @@ class PseudoLabelConfig(SemiBase):
 class PseudoLabel(Method):
     """Training on labeled images and on the unlabeled ones with the base classifier's pseudo-labels."""
 
-    unlabeled = True
-    base_stage = True  # a stage before the training stage trains the base classifier and labels the unlabeled set
+    streams = Streams(unlabeled=True)
 
-    def __init__(self, cfg: PseudoLabelConfig, base: Method, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: PseudoLabelConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
         self.cfg, self.base = cfg, base
-        self.register_buffer("pseudo", torch.as_tensor(ctx.record["base"]["pseudo_labels"], dtype=torch.long))
+        self.register_buffer("pseudo", torch.as_tensor(ctx.output("base", "pseudo_labels"), dtype=torch.long))
         from ltbench.data.augment import augment_batch, normalize
 
         self._augment, self._normalize = augment_batch, normalize

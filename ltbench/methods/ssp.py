@@ -18,7 +18,7 @@ the ``fc`` head, and fine-tunes the whole network).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +29,15 @@ from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.methods import PRETRAIN, Method
 
-
-def _check_images(root: Any, name: str) -> None:
-    if root.dataset.inputs != "images":
-        what = root.dataset.inputs
-        raise ConfigError(f"pretrain={name} learns from images; dataset={root.dataset.name} gives {what}")
+if TYPE_CHECKING:
+    from ltbench.contracts import StageContext
 
 
 @dataclass
 class RotationConfig(PretrainConfig):
     name: str = "rotation"
-    label_suffix = "+SSP"  # (a class attribute): how the report marks runs with this pre-training
-
-    def check(self, root: Any) -> None:
-        _check_images(root, self.name)
+    label_suffix = "+SSP"  # how the report marks runs with this pre-training
+    reads = ("images",)  # it learns from rotated images
 
 
 def rotation_labels(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +73,7 @@ class HeadNet(nn.Module):
 class Rotation(Method):
     """Rotation prediction (4 classes) on the training images, labels unused."""
 
-    def __init__(self, cfg: RotationConfig, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: RotationConfig, ctx: StageContext, model: nn.Module, base: Method | None = None) -> None:
         super().__init__()
         self.head = nn.Linear(model.feature_dim, 4)
         nn.init.kaiming_normal_(self.head.weight)  # as every Linear of the CIFAR ResNet of the reference
@@ -108,9 +103,9 @@ class SimSiamConfig(PretrainConfig):
     proj_dim: int = 2048  # output of the 2-layer projector (CIFAR: Chen & He, appendix D)
     pred_dim: int = 512  # bottleneck of the predictor
     label_suffix = "+SSP(simsiam)"
+    reads = ("images",)  # it learns from augmented views of images
 
     def check(self, root: Any) -> None:
-        _check_images(root, self.name)
         if self.proj_dim < 1 or self.pred_dim < 1:
             raise ConfigError("pretrain.proj_dim and pretrain.pred_dim must be >= 1")
 
@@ -123,10 +118,12 @@ class SimSiamNet(nn.Module):
         self.model, self.projector, self.predictor = model, projector, predictor
 
     def forward(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        z = self.projector(self.model.features(torch.cat([v1, v2])).float())
-        p = self.predictor(z)
-        z1, z2 = z.detach().chunk(2)  # the stop-gradient
-        p1, p2 = p.chunk(2)
+        """As facebookresearch/simsiam simsiam/builder.py: each view through the encoder and the predictor on its
+        own (so BatchNorm normalises over the N images of one view, not over 2N), then
+        ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2`` (main_simsiam.py's criterion)."""
+        z1, z2 = (self.projector(self.model.features(v).float()) for v in (v1, v2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        z1, z2 = z1.detach(), z2.detach()  # the stop-gradient
         return -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
 
 
@@ -134,9 +131,9 @@ class SimSiamNet(nn.Module):
 class SimSiam(Method):
     """SimSiam on two batched views of each training image (labels unused)."""
 
-    raw_inputs = True  # the feed hands over the uint8 images; the method makes and normalises its views
+    inputs = "raw"  # the feed hands over the uint8 images; the method makes and normalises its views
 
-    def __init__(self, cfg: SimSiamConfig, model: nn.Module, ctx: Any) -> None:
+    def __init__(self, cfg: SimSiamConfig, ctx: StageContext, model: nn.Module, base: Method | None = None) -> None:
         super().__init__()
         d, p, q = model.feature_dim, cfg.proj_dim, cfg.pred_dim
         self.projector = nn.Sequential(

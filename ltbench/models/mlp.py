@@ -15,7 +15,7 @@ from ltbench.models.heads import build_head
 
 @dataclass
 class MLPConfig(NetConfig):
-    inputs = "features"
+    reads = ("features",)
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [128, 128])  # [] is a linear model

@@ -31,7 +31,7 @@ PAD = 0
 class BiLSTMConfig(NetConfig):
     """A shared-BiLSTM sentence-pair encoder with max pooling (the STS-B-DIR reference's, CPU-sized)."""
 
-    inputs = "text"
+    reads = ("text",)
 
     name: str = "bilstm"
     emb_dim: int = 128

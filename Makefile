@@ -44,7 +44,8 @@ REPRODUCE_ARGS ?=
 reproduce: install ## re-run a published table (TABLE=cifar10lt_ldam; REPRODUCE_ARGS="--resume --jobs 4 dataset.root=...")
 	$(LTB) reproduce $(TABLE) $(REPRODUCE_ARGS)
 
-LTBENCH_DATA ?= /work/shared/data
+# the folder holding cifar-10-batches-py/ (ltbench's default data root unless LTBENCH_DATA is set)
+LTBENCH_DATA ?= data
 DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 hydra-joblib-launcher==1.2.0
 device-prep: install ## what a GPU machine's device check needs carried: CIFAR-10-LT packed (.device_data/), wheels (.whl/)
 	test -f .device_data/pack/meta.json || $(PY) scripts/pack_cifar_lt.py pack --root $(LTBENCH_DATA) --ratio 100 --out .device_data/pack
@@ -54,8 +55,9 @@ DEVICE_OUT ?= results/device_check
 device-check: install ## the device check (scripts/device_check.py); DRY=1: its CPU dry run; MINUTES=10
 	bash scripts/device_check.sh --out $(DEVICE_OUT) --minutes $(or $(MINUTES),10) $(if $(DRY),--dry-run)
 
-lint: install ## ruff check
+lint: install ## ruff check, and the type checker (mypy; its settings in pyproject.toml)
 	$(VENV)/bin/ruff check ltbench tests scripts
+	$(VENV)/bin/mypy
 
 format: install ## ruff format + autofix
 	$(VENV)/bin/ruff check --fix ltbench tests scripts

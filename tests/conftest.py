@@ -141,3 +141,13 @@ def interrupt_at(monkeypatch, start, *, at: int, stage: str | None = None) -> No
             start()
     finally:
         monkeypatch.setattr(fit_mod, "train_epoch", real)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_results_left_in_the_checkout():
+    """Tests write under their tmp_path: a run that forgot results_dir= would leave a stage cache in the checkout."""
+    cache = REPO / "results" / "stage_cache"
+    before = cache.exists()
+    yield
+    if not before and cache.exists():
+        raise AssertionError(f"a test left {cache} in the checkout: give its runs results_dir=<tmp_path>")

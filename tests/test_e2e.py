@@ -73,7 +73,8 @@ def test_every_stage_shows_progress(compose_cfg, cifar10_root, tmp_path):
     from rich.console import Console
 
     console = Console(record=True, width=150)
-    run(compose_cfg(*_fixture(cifar10_root), "strategy=crt", "progress=true", "classifier.schedule.epochs=2"),
+    run(compose_cfg(*_fixture(cifar10_root), "strategy=crt", "progress=true", "classifier.schedule.epochs=2",
+            f"results_dir={tmp_path / 'results'}"),
         tmp_path, console=console)  # fmt: skip
     text = console.export_text()
     assert "train" in text and "classifier" in text and "2/2" in text

@@ -39,6 +39,7 @@ MARKS = ("stage", "run", "replicate", "none")
 TASKS = ("classification", "regression")
 INPUT_KINDS = ("images", "features", "text")  # what a dataset gives (DatasetConfig.inputs)
 # torch.compile modes (``compile=``); "none": eager. "true"/"false" (a YAML bool) mean "default"/"none".
+SELECT = ("last", "val", "test_oracle")  # model-selection protocols (``select=``)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -380,8 +381,20 @@ class TrainConfig:
     # max-autotune-no-cudagraphs. An execution setting: compiled kernels reorder float sums (differences at
     # rounding level, like cudnn.benchmark's choice of algorithm), so it is not part of the run's identity.
     compile: str = runtime("none")
+    # Which epoch's network the test metrics are of (model selection, recorded in metrics.json `selection`):
+    # last (the final epoch), val (the epoch of the last stage with the best validation metric: the validation split
+    # is evaluated every epoch), test_oracle (the best test epoch, what most long-tail papers report; a run with it
+    # never shares a mean with another protocol and its label says so). Applies to the last stage, which must train.
+    select: str = added("last", mark="run")
 
     def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.select != "last" and self.classifier is not None and self.classifier.training_schedule() is None:
+            raise ConfigError(
+                f"select={self.select} picks an epoch of the last stage, and classifier={self.classifier.name} is "
+                "computed from features without epochs: use select=last (its own choice is made on validation)"
+            )
         self.compile = {"true": "default", "false": "none"}.get(str(self.compile).lower(), str(self.compile))
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")

@@ -139,6 +139,8 @@ def method_label(cfg: TrainConfig, overrides: list[str] | None) -> str:
         unlabeled = cfg.dataset.unlabeled_text()
         name += f" ({unlabeled})" if unlabeled is not None else ""
     extra = [o for o in method_overrides(cfg, overrides) if _override_key(o) not in ("pretrain", "semi")]
+    if cfg.select != "last" and not any(_override_key(o) == "select" for o in extra):
+        extra.append(f"select={cfg.select}")  # the selection protocol is always in the label (test_oracle above all)
     return f"{name} [{', '.join(extra)}]" if extra else name
 
 

@@ -220,7 +220,7 @@ def validation_holdout(tcfg: TrainConfig) -> bool:
     ``dataset.val_holdout``, or (null) when a method of the run selects on the validation split."""
     if tcfg.dataset.val_holdout is not None:
         return tcfg.dataset.val_holdout
-    return any(obj.selects_on_validation for obj in sections(tcfg).values())
+    return tcfg.select == "val" or any(obj.selects_on_validation for obj in sections(tcfg).values())
 
 
 def _progress(tcfg: TrainConfig, info: DistInfo, console: Console) -> Progress:
@@ -291,6 +291,7 @@ def run_stages(ctx: RunContext, model: torch.nn.Module) -> tuple[torch.nn.Module
     result = None
     for i in range(start, len(stages)):
         stage = stages[i]
+        ctx.selecting = stage.name if i == len(stages) - 1 and ctx.cfg.select != "last" else None
         result = stage.run(ctx, ctx.stage_context(stage, stages[:i]), model, ckpt if i == start else None)
         model, rows[stage.name] = result.model, result.rows
         if i == len(stages) - 1:  # the last stage's own record: a classifier's choice, a method's summary
@@ -414,6 +415,9 @@ def _finish(ctx: RunContext, outputs: dict[str, torch.Tensor], wall: float) -> N
         finished_at=now(),
         wall_time_s=round(wall, 2),
     )
+    last = record.get("stages", ["train"])[-1]
+    record.setdefault("selection", {"protocol": "last", "stage": last,
+                                    "epoch": (record.get("cost") or {}).get("epochs", {}).get(last)})  # fmt: skip
     cost = record.setdefault("cost", {})
     gpus = ctx.info.world_size if ctx.device.type == "cuda" else 0
     cost.update(
@@ -428,7 +432,13 @@ def _finish(ctx: RunContext, outputs: dict[str, torch.Tensor], wall: float) -> N
 
 def _title(tcfg: TrainConfig, record: dict) -> str:
     title = f"{record['label']} on {tcfg.dataset.name} (ratio {record['imbalance_ratio']:g}, seed {tcfg.seed})"
-    title += " — test, final epoch"
+    sel = record.get("selection") or {}
+    if sel.get("protocol") == "val":
+        title += f" — test, epoch {sel.get('epoch')} (chosen on validation)"
+    elif sel.get("protocol") == "test_oracle":
+        title += f" — test, best test epoch {sel.get('epoch')} (TEST-SELECTED)"
+    else:
+        title += " — test, final epoch"
     stage2 = record.get("stage2") or {}
     if stage2:
         title += f", stage 2: {stage2['method']}"

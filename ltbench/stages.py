@@ -71,6 +71,7 @@ class RunContext:
     progress: Progress
     loggers: list[Hook] = field(default_factory=list)
     trainable: dict[str, int] = field(default_factory=dict)  # trainable parameters of each stage trained here
+    selecting: str | None = None  # the stage whose epochs ``select=`` chooses among (the last, when it is not "last")
 
     def predict(self, model: nn.Module, split: str, features: bool = False) -> torch.Tensor:
         """Outputs (or features) of a whole split; each rank predicts its share, every rank gets all of them."""
@@ -211,7 +212,7 @@ def train(ctx: RunContext, sctx: StageContext, stage: Stage, spec: StageSpec, ck
     trainer = Trainer(stage.name, _ddp(module, ctx, find_unused=module is not spec.net), method, optimizer, sched,
                       _batches(ctx, stage, spec), lambda e: generator(ctx.cfg.seed, e, f"{stage.stream}batch", *rank),
                       ctx.task, ctx.cfg.amp, start, rows, compile=ctx.cfg.compile)  # fmt: skip
-    hooks = _hooks(ctx, sctx, stage, trainer, spec)
+    hooks = _hooks(ctx, sctx, stage, trainer, spec, ckpt)
     ok = False
     try:
         for h in [method, *hooks]:
@@ -266,8 +267,51 @@ def _with_unlabeled(ctx: RunContext, stage: Stage, method: Method, labeled, ep: 
         yield b
 
 
-def _hooks(ctx: RunContext, sctx: StageContext, stage: Stage, tr: Trainer, spec: StageSpec) -> list[Hook]:
+class SelectionHook(Hook):
+    """Model selection (``select=val|test_oracle``): after every epoch of the last stage, the network the stage
+    hands on (``method.eval_model``) is evaluated on the validation (or the test) split; the epoch with the best
+    headline metric (the task's first column: top-1, or MAE lower-is-better; the first best on ties) is kept, its
+    weights held on the CPU and in the checkpoint, and loaded back when the stage ends. Evaluation draws no random
+    numbers and runs in eval mode, so training is the same as without it. Its value is the epoch log's
+    ``select_<split>_<metric>`` column."""
+
+    order = 15  # before the epoch log (20), which writes the row it adds to, and the checkpoint (30)
+
+    def __init__(self, ctx: RunContext, net: Callable[[], nn.Module]) -> None:
+        self.ctx, self.net = ctx, net
+        self.split = "val" if ctx.cfg.select == "val" else "test"
+        first = ctx.task.columns()[0]
+        self.metric, self.higher = first.key, first.higher_is_better
+        self.best: dict[str, Any] = {}
+
+    def on_epoch_end(self, ep: Epoch) -> None:
+        value = self.ctx.evaluate(self.ctx.predict(self.net(), self.split), self.split).get(self.metric)
+        ep.row[f"select_{self.split}_{self.metric}"] = value
+        if value is None:
+            return
+        better = not self.best or (value > self.best["value"] if self.higher else value < self.best["value"])
+        if better:
+            state = {k: v.detach().cpu().clone() for k, v in self.net().state_dict().items()}
+            self.best = {"epoch": ep.index + 1, "value": float(value), "state": state}
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.best)
+
+    def on_stage_end(self, stage: str, ok: bool) -> None:
+        if ok and self.best:
+            self.net().load_state_dict(self.best["state"])
+            self.ctx.record["selection"] = {"protocol": self.ctx.cfg.select, "stage": stage, "split": self.split,
+                                            "metric": self.metric, "epoch": self.best["epoch"],
+                                            "value": self.best["value"]}  # fmt: skip
+
+
+def _hooks(
+    ctx: RunContext, sctx: StageContext, stage: Stage, tr: Trainer, spec: StageSpec, ckpt: dict | None
+) -> list[Hook]:
     earlier = list(sctx.outputs)  # the records of the stages before this one: a resume restores them
+    select = SelectionHook(ctx, lambda: spec.method.eval_model(spec.net)) if ctx.selecting == stage.name else None
+    if select is not None and ckpt is not None and ckpt.get("selection"):
+        select.best = dict(ckpt["selection"])  # the best epoch so far of the interrupted stage
 
     def state(ep: Epoch) -> dict[str, Any]:
         return {
@@ -281,6 +325,7 @@ def _hooks(ctx: RunContext, sctx: StageContext, stage: Stage, tr: Trainer, spec:
             "split_hash": ctx.data.split_hash,
             "log": tr.rows,
             "stages": {k: ctx.record[k] for k in earlier if k in ctx.record},
+            **({"selection": select.state()} if select is not None else {}),
         }
 
     hooks: list[Hook] = [
@@ -288,6 +333,7 @@ def _hooks(ctx: RunContext, sctx: StageContext, stage: Stage, tr: Trainer, spec:
         EpochLogHook(ctx.rundir, stage.name, tr.rows),
         CheckpointHook(ctx.rundir, stage.name, state),
         *ctx.loggers,
+        *([select] if select is not None else []),
     ]
     return sorted(hooks, key=lambda h: h.order)  # stable: ties keep the order above
 

@@ -8,9 +8,9 @@
 - BNI buckets: jiawei-ren/BalancedMSE imdb-wiki-dir/datasets.py ``get_bucket_info`` (bucket centre = integer label);
 - the synthetic recipe: jiawei-ren/BalancedMSE synthetic_benchmark/main_1d.py, loss.py and utils.py ``get_gmm``.
 
-scipy and sklearn are not dependencies: ``convolve1d`` is transcribed below (mode 'constant', output in the input's
-dtype), and the one-component Gaussian mixture of the synthetic normal case is the sample mean and (biased) variance
-plus sklearn's ``reg_covar`` 1e-6.
+scipy and sklearn are not dependencies: ``convolve1d`` is transcribed in tests/test_regression.py (mode 'constant',
+output in the input's dtype), and the one-component Gaussian mixture of the synthetic normal case is the sample mean
+and (biased) variance plus sklearn's ``reg_covar`` 1e-6.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from test_regression import convolve1d_constant as convolve1d
+from test_regression import prepare_weights
 
 from ltbench.config import to_schema
 from ltbench.data.regression import synthetic_dir
@@ -35,35 +37,10 @@ def cfg_of():
         yield lambda *o: to_schema(compose("train", overrides=list(o)))
 
 
-def convolve1d(values: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """scipy.ndimage.convolve1d(values, window, mode='constant') for an odd window: float64 sums, returned in the
-    input's dtype (the C cast truncates an integer output)."""
-    half = len(window) // 2
-    out = np.zeros(len(values))
-    for i in range(len(values)):
-        for j, w in enumerate(window[::-1]):  # convolution: the window reversed (symmetric here anyway)
-            k = i + j - half
-            if 0 <= k < len(values):
-                out[i] += w * values[k]
-    return out.astype(values.dtype)
-
-
 def agedb_prepare_weights(labels, reweight: str, lds: bool, max_target: int = 121) -> np.ndarray:
-    """Transcribed from YyzHarry/imbalanced-regression agedb-dir/datasets.py (AgeDB._prepare_weights)."""
-    value_dict = {x: 0 for x in range(max_target)}
-    for label in labels:
-        value_dict[min(max_target - 1, int(label))] += 1
-    if reweight == "sqrt_inv":
-        value_dict = {k: np.sqrt(v) for k, v in value_dict.items()}
-    elif reweight == "inverse":
-        value_dict = {k: np.clip(v, 5, 1000) for k, v in value_dict.items()}
-    num_per_label = [value_dict[min(max_target - 1, int(label))] for label in labels]
-    if lds:
-        smoothed = convolve1d(np.asarray([v for _, v in value_dict.items()]), lds_window("gaussian", 5, 2.0))
-        num_per_label = [smoothed[min(max_target - 1, int(label))] for label in labels]
-    weights = [np.float32(1 / x) for x in num_per_label]
-    scaling = len(weights) / np.sum(weights)
-    return np.asarray([scaling * x for x in weights], dtype=np.float64)
+    """YyzHarry/imbalanced-regression agedb-dir/datasets.py (AgeDB._prepare_weights), as transcribed in
+    tests/test_regression.py, with the reference's LDS window (Gaussian, ks 5, sigma 2)."""
+    return np.asarray(prepare_weights(labels, reweight, max_target, lds, lds_window("gaussian", 5, 2.0)))
 
 
 def stsb_weights(targs, reweight: str, lds: bool, bins: int = 50) -> np.ndarray:

@@ -3,45 +3,19 @@ wrong type is listed as invalid with the field named, and the report of the othe
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from rich.console import Console
+from test_report import good as report_record
+from test_report import write
 
 from ltbench.records import problem
 from ltbench.report import report
 
 
 def good(**kw) -> dict:
-    rec = {
-        "status": "completed",
-        "task": "classification",
-        "dataset": "cifar10lt",
-        "imbalance_ratio": 100,
-        "strategy": "ce",
-        "label": "ce",
-        "config_hash": "h1",
-        "split_hash": "s1",
-        "data_fingerprint": "f1",
-        "seed": 0,
-        "top1": 70.0,
-        "many": 90.0,
-        "medium": 70.0,
-        "few": 50.0,
-        "group_sizes": {"many": 3, "medium": 4, "few": 3},
-        "group_unit": "classes",
-        "per_class_acc": [50.0] * 10,
-        "train_class_counts": list(range(10, 0, -1)),
-        "finished_at": "2026-12-03T10:00:00",
-    }
-    rec.update(kw)
-    return rec
-
-
-def write(root: Path, name: str, rec: dict) -> None:
-    (root / name).mkdir(parents=True)
-    (root / name / "metrics.json").write_text(json.dumps(rec))
+    """test_report's valid record, with the fields this module checks as well."""
+    return report_record(**{"task": "classification", "group_unit": "classes",
+                            "finished_at": "2026-12-03T10:00:00", **kw})  # fmt: skip
 
 
 # field -> a record where only that field has the wrong type

@@ -457,17 +457,14 @@ def register_section(section: str, base: type[Component]) -> None:
 
 
 def _section_base(section: str) -> type | None:
-    for f in fields_of(root_schema()):
+    """The schema a registered section is typed by (its field's ``Optional[base]``)."""
+    import dataclasses
+
+    for f in dataclasses.fields(root_schema()):
         if f.name == section:
             args = [a for a in getattr(f.type, "__args__", ()) if a is not type(None)]
             return args[0] if args else None
     return None
-
-
-def fields_of(schema: type) -> tuple:
-    import dataclasses
-
-    return dataclasses.fields(schema)
 
 
 register_root()

@@ -180,20 +180,36 @@ class Tracker(Hook):
 
 
 @dataclass
-class WandbConfig(LoggerConfig):
+class TrackerConfig(LoggerConfig):
+    """Base of the experiment trackers' schemas: the run group, and the library the tracker needs (``package``),
+    checked when the config is composed."""
+
+    package: ClassVar[str] = ""
+    group: str | None = None  # default: the sweep's directory name in a multirun, else <dataset>/<label>
+
+    def check(self, root: Any) -> None:
+        import importlib
+
+        try:
+            importlib.import_module(self.package)
+        except ImportError as e:
+            raise ConfigError(
+                f"logger={self.name} needs the {self.package} package: pip install -e '.[trackers]'"
+            ) from e
+
+
+@dataclass
+class WandbConfig(TrackerConfig):
     name: str = "wandb"
     project: str = "ltbench"
     entity: str | None = None
-    group: str | None = None  # default: the sweep's directory name in a multirun, else <dataset>/<label>
     mode: str = "offline"  # offline (written under <run dir>/wandb; `wandb sync` uploads) | online | disabled
+    package = "wandb"
 
     def check(self, root: Any) -> None:
         if self.mode not in ("offline", "online", "disabled"):
             raise ConfigError(f"logger.mode={self.mode}: expected offline, online or disabled")
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("logger=wandb needs the wandb package: pip install -e '.[trackers]'") from e
+        super().check(root)
 
 
 @LOGGERS.register("wandb", WandbConfig)
@@ -233,18 +249,12 @@ class WandbLogger(Tracker):
 
 
 @dataclass
-class MlflowConfig(LoggerConfig):
+class MlflowConfig(TrackerConfig):
     name: str = "mlflow"
     # null: $MLFLOW_TRACKING_URI, else the SQLite store <results_dir>/mlflow.db; or sqlite:///path.db, http://host:5000
     tracking_uri: str | None = None
-    experiment: str = "ltbench"
-    group: str | None = None  # a tag; default: the sweep's directory name in a multirun, else <dataset>/<label>
-
-    def check(self, root: Any) -> None:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("logger=mlflow needs the mlflow package: pip install -e '.[trackers]'") from e
+    experiment: str = "ltbench"  # (the group is a tag of the run)
+    package = "mlflow"
 
 
 @LOGGERS.register("mlflow", MlflowConfig)

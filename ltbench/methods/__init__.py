@@ -65,7 +65,7 @@ PRETRAIN: Registry[Builder] = Registry("pretrain", PretrainConfig)
 METHODS: Registry[Builder] = Registry("method", MethodConfig)
 SEMI: Registry[Builder] = Registry("semi", SemiConfig)
 
-__all__ = ["METHODS", "PRETRAIN", "SEMI", "Builder", "Method", "MethodConfig", "Streams"]
+__all__ = ["METHODS", "PRETRAIN", "SEMI", "Builder", "Extension", "Method", "MethodConfig", "Streams"]
 
 
 class Method(nn.Module, Hook):
@@ -115,3 +115,25 @@ class Method(nn.Module, Hook):
     def summary(self) -> dict[str, Any]:
         """What the stage's record keeps about the method (e.g. pseudo-label quality)."""
         return {}
+
+
+class Extension(Method):
+    """A method built on the stage's supervised method ``base`` (its loss, re-weighting and synthesis), which adds a
+    term of its own: the epoch start, the optimiser groups and the epoch log's columns are the base's."""
+
+    def __init__(self, base: Method | None, what: str) -> None:
+        super().__init__()
+        if base is None:
+            from ltbench.errors import ConfigError
+
+            raise ConfigError(f"{what} builds on the stage's supervised method")
+        self.base = base
+
+    def on_epoch_start(self, ep: Epoch) -> None:
+        self.base.on_epoch_start(ep)
+
+    def param_groups(self) -> list[ParamGroup]:
+        return self.base.param_groups()
+
+    def row_extras(self, ep: Epoch) -> dict[str, Any]:
+        return self.base.row_extras(ep)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ltbench.config import MethodConfig
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
-from ltbench.methods import METHODS, Method
+from ltbench.methods import METHODS, Extension, Method
 from ltbench.methods.ranksim import FeatureNet
 
 if TYPE_CHECKING:
@@ -117,17 +117,15 @@ class ConRConfig(MethodConfig):
 
 
 @METHODS.register("conr", ConRConfig)
-class ConR(Method):
+class ConR(Extension):
     """The run's loss on view 0 plus ``beta`` x ConR on views 1 and 2 (``views=2``) or on view 0 (``views=1``), on
     top of the stage's supervised method; the views go through the network in one batch."""
 
     inputs = "raw"  # the feed hands over the stored samples; the method makes and normalises its views
 
     def __init__(self, cfg: ConRConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
-        super().__init__()
-        if base is None:
-            raise ConfigError("method=conr builds on the stage's supervised method")
-        self.cfg, self.base = cfg, base
+        super().__init__(base, "method=conr")
+        self.cfg = cfg
         self.center, self.scale = float(ctx.stats.center), float(ctx.stats.scale)
         self.kind, self.mean, self.std = ctx.data.kind, ctx.data.mean, ctx.data.std
         self.dir_files = ctx.data.kind == "files" and ctx.data.transforms is not None  # AgeDB-DIR, IMDB-WIKI-DIR
@@ -167,12 +165,3 @@ class ConR(Method):
                         cfg.e)  # fmt: skip
         sums = base.task.step_sums(out[:n], y)  # type: ignore[attr-defined]
         return loss + cfg.beta * reg, {**sums, "mean_conr": reg.detach().double() * n}
-
-    def on_epoch_start(self, ep: Epoch) -> None:
-        self.base.on_epoch_start(ep)
-
-    def param_groups(self):
-        return self.base.param_groups()
-
-    def row_extras(self, ep: Epoch) -> dict[str, Any]:
-        return self.base.row_extras(ep)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ltbench.config import MethodConfig
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
-from ltbench.methods import METHODS, Method
+from ltbench.methods import METHODS, Extension, Method
 from ltbench.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -299,15 +299,16 @@ class ContrastiveNet(nn.Module):
         return logits, z, centers
 
 
-class Contrastive(Method):
+class Contrastive(Extension):
     """Three views per image: the run's loss on view 0, a supervised contrastive loss on views 1 and 2 (BCL, SupCon
-    or KCL), on top of the stage's supervised method."""
+    or KCL), on top of the stage's supervised method. Its optimiser groups are the base's: the heads train inside the
+    wrapped module, with the model's settings."""
 
     inputs = "raw"  # the feed hands over the uint8 images; the method makes and normalises its views
 
     def __init__(self, cfg: ContrastiveConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
-        super().__init__()
-        self.cfg, self.base = cfg, base
+        super().__init__(base, f"method={cfg.name}")
+        self.cfg = cfg
         self.mean, self.std = ctx.data.mean, ctx.data.std
         self.augment = ctx.cfg.augment
         self.size: int | None = ctx.cfg.dataset.image_size if ctx.data.kind == "files" else None
@@ -368,15 +369,6 @@ class Contrastive(Method):
             l_ce, logits = torch.zeros((), device=x.device), logits.detach()
         sums = self.base.task.step_sums(logits, y)  # type: ignore[attr-defined]
         return loss, {**sums, "mean_loss_ce": l_ce.detach().double() * n, "mean_loss_con": l_con.detach().double() * n}
-
-    def on_epoch_start(self, ep: Epoch) -> None:
-        self.base.on_epoch_start(ep)
-
-    def param_groups(self):
-        return self.base.param_groups()  # the heads are trained inside the wrapped module, with the model's settings
-
-    def row_extras(self, ep: Epoch) -> dict[str, Any]:
-        return self.base.row_extras(ep)
 
 
 for _name, _schema in (("bcl", BCLConfig), ("supcon", SupConConfig), ("kcl", KCLConfig)):

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ltbench.config import MethodConfig
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
-from ltbench.methods import METHODS, Method
+from ltbench.methods import METHODS, Extension, Method
 
 if TYPE_CHECKING:
     from ltbench.contracts import StageContext
@@ -137,14 +137,12 @@ class FeatureNet(nn.Module):
 
 
 @METHODS.register("ranksim", RankSimConfig)
-class RankSim(Method):
+class RankSim(Extension):
     """The run's loss plus ``gamma`` x RankSim on the features, on top of the stage's supervised method."""
 
     def __init__(self, cfg: RankSimConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
-        super().__init__()
-        if base is None:
-            raise ConfigError("method=ranksim builds on the stage's supervised method")
-        self.cfg, self.base = cfg, base
+        super().__init__(base, "method=ranksim")
+        self.cfg = cfg
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return FeatureNet(model)
@@ -156,12 +154,3 @@ class RankSim(Method):
         reg = batch_ranksim(feats, batch.y, self.cfg.interpolation_lambda, ep.gen)
         sums = self.base.task.step_sums(out, batch.y)  # type: ignore[attr-defined]
         return loss + self.cfg.gamma * reg, {**sums, "mean_ranksim": reg.detach().double() * len(batch)}
-
-    def on_epoch_start(self, ep: Epoch) -> None:
-        self.base.on_epoch_start(ep)
-
-    def param_groups(self):
-        return self.base.param_groups()
-
-    def row_extras(self, ep: Epoch) -> dict[str, Any]:
-        return self.base.row_extras(ep)

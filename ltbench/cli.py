@@ -44,9 +44,9 @@ def _train_app() -> None:
     from omegaconf import DictConfig
 
     import ltbench.conf  # noqa: F401  (registers every component, its schema and the resolvers)
-    from ltbench.cluster import sweep_result
+    from ltbench.cluster import Terminated, sweep_result
     from ltbench.errors import ConfigError, LtbenchError
-    from ltbench.runner import Terminated, run
+    from ltbench.runner import run
 
     @hydra.main(config_path="pkg://ltbench.conf", config_name="train", version_base="1.3")
     def train(cfg: DictConfig) -> float | None:

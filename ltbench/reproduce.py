@@ -383,7 +383,7 @@ class Executor:
 
     def run(self) -> None:
         """Run every pending job; Ctrl-C / SIGTERM stop the running ones at a checkpoint (resumable)."""
-        from ltbench.runner import Terminated, sigterm_interrupts
+        from ltbench.cluster import Terminated, sigterm_interrupts
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip

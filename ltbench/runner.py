@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ltbench.cluster import Terminated, _raise_terminated, sigterm_interrupts  # noqa: F401 (moved there)
+from ltbench.cluster import sigterm_interrupts
 from ltbench.config import TrainConfig, sections, to_schema
 from ltbench.data import LTData, build_dataset
 from ltbench.dist import DistInfo, barrier, sync_batchnorm

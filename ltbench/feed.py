@@ -97,7 +97,8 @@ class DataFeed:
             from ltbench.data.images import loader_batches
 
             if self._cached is not None:
-                raise NotImplementedError("split_batch on the decoded image cache")
+                x, y, _ = next(self._cached.train(positions, len(positions), augment is not None, gen, split=split))
+                return Batch(x, y, positions)
             ds = self._files[f"{split}_train" if augment is not None else split]
             x, y = next(iter(loader_batches(ds, positions, len(positions), self._workers, self.device, gen)))
             return Batch(x, y, positions)

@@ -217,11 +217,13 @@ class CachedFeed:
                 ahead = self._pool.submit(self._fetch, rows[chunks[k + 1].cpu().numpy()])
             yield x, labels[idx.to(self.device)], idx
 
-    def train(self, indices: Tensor, batch_size: int, augmented: bool, gen: torch.Generator, raw: bool = False):
-        """Training batches (x, y, idx): the recipe's augmentation, the evaluation view (``augmented`` false) or the
-        uint8 cache images (``raw``, what ``raw_transform`` gives)."""
+    def train(self, indices: Tensor, batch_size: int, augmented: bool, gen: torch.Generator, raw: bool = False,
+              split: str = "train"):  # fmt: skip
+        """Training batches (x, y, idx) of ``split`` (the training set, or a validation stream a method draws): the
+        recipe's augmentation, the evaluation view (``augmented`` false) or the uint8 cache images (``raw``, what
+        ``raw_transform`` gives)."""
         d = self.data
-        for x, y, idx in self._raw("train", indices, batch_size):
+        for x, y, idx in self._raw(split, indices, batch_size):
             if raw:
                 yield x.contiguous(), y, idx
             elif not augmented:

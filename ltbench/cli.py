@@ -306,7 +306,7 @@ def _reproduce(argv: list[str]) -> None:
         if args.list or not args.table:
             for name in list_tables():
                 t = load_table(name)
-                print(f"{name}: {t.title}\n  rows: {', '.join(r.strategy for r in t.rows)}")
+                print(f"{name}: {t.title}\n  rows: {', '.join(r.name for r in t.rows)}")
             return
         req = Request(args.table, args.out, args.resume, args.seeds, args.ratios, args.rows, args.jobs,
                       args.dry_run, args.report_only, list(args.overrides))  # fmt: skip

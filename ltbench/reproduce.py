@@ -43,6 +43,9 @@ from ltbench.rundir import atomic_write_json, atomic_write_text
 # checked: read in the authors' repository; secondary: quoted by a second public source; unchecked: the paper's
 # table as recalled; measured: the reference code itself (or a transcription of it) run here, no paper number.
 CONFIDENCE = ("checked", "secondary", "unchecked", "measured")
+# How the source chose the number it reports: the best test epoch (most long-tail code), the epoch chosen on a
+# validation split (the DIR papers), the last epoch, or not known. ltbench runs each row with the matching ``select=``.
+PROTOCOLS = {"best_test": "test_oracle", "val": "val", "last": "last", "unknown": "last"}
 METRICS = {"top1": True, "mae": False, "mse": False}  # the metrics a table may compare: higher is better?
 GROUP_KEYS = ("many", "medium", "few")
 MANIFEST = "reproduce.json"
@@ -61,6 +64,12 @@ class Published:
     source: str
     confidence: str
     groups: tuple[tuple[str, float], ...] = ()
+    protocol: str = "unknown"  # one of PROTOCOLS: how the source selected the epoch it reports
+
+    @property
+    def select(self) -> str:
+        """ltbench's ``select=`` that compares like with like."""
+        return PROTOCOLS[self.protocol]
 
     @property
     def top1(self) -> float:  # the classification tables' name for the value
@@ -69,11 +78,20 @@ class Published:
 
 @dataclass(frozen=True)
 class Row:
+    """A method of the table: a strategy preset or an experiment preset (or both), with overrides; ``name`` (its
+    ``--rows`` name, unique in the table) defaults to the strategy, else the experiment."""
+
     label: str
-    strategy: str
+    strategy: str | None
     overrides: tuple[str, ...]
     published: dict[Any, Published]  # by imbalance ratio (float) or setting name (str)
     note: str = ""
+    experiment: str | None = None
+    name: str = ""
+
+    @property
+    def presets(self) -> list[str]:
+        return [f"{k}={v}" for k, v in (("experiment", self.experiment), ("strategy", self.strategy)) if v]
 
 
 @dataclass(frozen=True)
@@ -116,11 +134,17 @@ def list_tables() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
-def _published(entry: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = ()) -> tuple[Any, Published]:
+def _published(
+    entry: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = (), protocol: str = "unknown"
+) -> tuple[Any, Published]:
     """One published entry: (its ratio or setting, the number); top-1 is given as ``error`` or ``accuracy`` (%), a
-    regression metric under its own name, with optional ``many`` / ``medium`` / ``few``."""
+    regression metric under its own name, with optional ``many`` / ``medium`` / ``few`` and the ``protocol`` the
+    source selected on (the table's ``protocol`` by default)."""
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each published entry is a mapping")
+    protocol = str(entry.get("protocol", protocol))
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if (not settings and "ratio" not in entry) or (settings and entry.get("setting") not in settings):
         want = f"a setting (one of {', '.join(settings)})" if settings else "a ratio"
         raise ConfigError(f"{where}: each published entry needs {want}")
@@ -132,7 +156,7 @@ def _published(entry: Any, where: str, metric: str = "top1", settings: tuple[str
         if not isinstance(entry.get(metric), (int, float)) or entry[metric] < 0:
             raise ConfigError(f"{where}: each published entry needs its {metric} (a number >= 0)")
         value = float(entry[metric])
-        return key, Published(value, f"{metric} {value:g}", entry["source"], entry["confidence"], groups)
+        return key, Published(value, f"{metric} {value:g}", entry["source"], entry["confidence"], groups, protocol)
     if ("error" in entry) == ("accuracy" in entry):
         raise ConfigError(f"{where}: each published entry needs a ratio and exactly one of error / accuracy")
     kind = "error" if "error" in entry else "accuracy"
@@ -140,15 +164,18 @@ def _published(entry: Any, where: str, metric: str = "top1", settings: tuple[str
     if not 0 <= value <= 100:
         raise ConfigError(f"{where}: {kind} {value} is not a percentage")
     top1 = 100.0 - value if kind == "error" else value
-    return key, Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"], groups)
+    return key, Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"], groups, protocol)
 
 
-def _row(d: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = ()) -> Row:
-    if not isinstance(d, dict) or not d.get("strategy") or not d.get("published"):
-        raise ConfigError(f"{where}: each row needs a strategy and published values")
-    pub = dict(_published(e, f"{where} ({d['strategy']})", metric, settings) for e in d["published"])
-    return Row(str(d.get("label", d["strategy"])), str(d["strategy"]), tuple(d.get("overrides") or ()), pub,
-               " ".join(str(d.get("note", "")).split()))  # fmt: skip
+def _row(d: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = (), protocol: str = "unknown") -> Row:
+    if not isinstance(d, dict) or not (d.get("strategy") or d.get("experiment")) or not d.get("published"):
+        raise ConfigError(f"{where}: each row needs a strategy or an experiment, and published values")
+    name = str(d.get("name") or d.get("strategy") or d["experiment"])
+    pub = dict(_published(e, f"{where} ({name})", metric, settings, protocol) for e in d["published"])
+    strategy, experiment = d.get("strategy"), d.get("experiment")
+    return Row(str(d.get("label", name)), None if strategy is None else str(strategy), tuple(d.get("overrides") or ()),
+               pub, " ".join(str(d.get("note", "")).split()), None if experiment is None else str(experiment),
+               name)  # fmt: skip
 
 
 def load_table(name: str) -> Table:
@@ -164,7 +191,12 @@ def load_table(name: str) -> Table:
     if metric not in METRICS:
         raise ConfigError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     settings = tuple((str(k), tuple(v or ())) for k, v in (d.get("settings") or {}).items())
-    rows = tuple(_row(r, where, metric, tuple(k for k, _ in settings)) for r in d["rows"])
+    rows = tuple(_row(r, where, metric, tuple(k for k, _ in settings), str(d.get("protocol", "unknown")))
+                 for r in d["rows"])  # fmt: skip
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"{where}: two rows are named {twice}: give one of them a name")
     return Table(name, str(d.get("title", name)), str(d["dataset"]), tuple(int(s) for s in d.get("seeds", [0])),
                  tuple(d.get("overrides") or ()), rows, metric, settings,
                  float(d.get("tolerance", 1.0)))  # fmt: skip
@@ -184,6 +216,7 @@ class Job:
     stage1_epochs: int
     stage2_epochs: int  # 0: no classifier stage, or a post-hoc one
     group: str | None  # the stage-1 cache a decoupled job shares with the others of its group
+    select: str = "last"  # the run's select=: the published number's protocol where the run's last stage has epochs
     status: str = "pending"  # pending | done | running | failed
     wall_s: float = 0.0
 
@@ -213,33 +246,50 @@ def plan(
     from ltbench.config import to_schema
     from ltbench.identity import config_hash, data_tag
 
-    unknown = sorted(set(rows or []) - {r.strategy for r in table.rows})
+    unknown = sorted(set(rows or []) - {r.name for r in table.rows})
     if unknown:
         raise ConfigError(f"table {table.name} has no row {', '.join(unknown)}; rows: "
-                          + ", ".join(r.strategy for r in table.rows))  # fmt: skip
+                          + ", ".join(r.name for r in table.rows))  # fmt: skip
     jobs = []
     with initialize_config_module("ltbench.conf", version_base="1.3"):
         for ratio in table.ratios if ratios is None else ratios:
             for row in table.rows:
-                if ratio not in row.published or (rows and row.strategy not in rows):
+                if ratio not in row.published or (rows and row.name not in rows):
                     continue
                 for seed in table.seeds if seeds is None else seeds:
-                    ov = [*table.overrides, f"dataset={table.dataset}", *table.key_overrides(ratio),
-                          f"strategy={row.strategy}", *row.overrides, f"seed={seed}", *extras,
-                          f"results_dir={_quote(str(out))}"]  # fmt: skip
-                    try:
-                        cfg = to_schema(compose("train", overrides=ov))
-                    except LtbenchError:
-                        raise
-                    except Exception as e:  # Hydra's composition errors: one line
-                        raise ConfigError(f"{row.strategy} at {fmt_key(ratio)}: {str(e).splitlines()[0]}") from e
+                    ov = [*table.overrides, f"dataset={table.dataset}", *table.key_overrides(ratio), *row.presets,
+                          *row.overrides, f"seed={seed}", *extras, f"results_dir={_quote(str(out))}"]  # fmt: skip
+                    cfg = _compose(compose, to_schema, ov, f"{row.name} at {fmt_key(ratio)}")
+                    select = _select(cfg, row.published[ratio].select, extras)
+                    if select != cfg.select:
+                        ov.insert(-1, f"select={select}")
+                        cfg = _compose(compose, to_schema, ov, f"{row.name} at {fmt_key(ratio)}")
                     h = config_hash(cfg)
-                    run_dir = out / "runs" / data_tag(cfg) / cfg.strategy / f"{h[:8]}_seed{seed}"
+                    run_dir = out / "runs" / data_tag(cfg) / (row.strategy or row.name) / f"{h[:8]}_seed{seed}"
                     s2_sched = cfg.classifier.training_schedule() if cfg.classifier is not None else None
                     s2 = s2_sched.epochs if s2_sched is not None else 0
                     group = _stage1_group(cfg) if cfg.classifier is not None else None
-                    jobs.append(Job(row, ratio, seed, ov, h, run_dir, cfg.schedule.epochs, s2, group))
+                    jobs.append(Job(row, ratio, seed, ov, h, run_dir, cfg.schedule.epochs, s2, group, select))
     return jobs
+
+
+def _compose(compose: Any, to_schema: Any, ov: list[str], what: str) -> Any:
+    try:
+        return to_schema(compose("train", overrides=ov))
+    except LtbenchError:
+        raise
+    except Exception as e:  # Hydra's composition errors: one line
+        raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from e
+
+
+def _select(cfg: Any, wanted: str, extras: list[str]) -> str:
+    """The ``select=`` of a job: the published number's protocol, unless the user set one for every job, or the
+    run's last stage is computed from features (no epochs to choose from: its number is the last epoch's)."""
+    if any(e.startswith("select=") for e in extras):
+        return cfg.select
+    if cfg.classifier is not None and cfg.classifier.training_schedule() is None:
+        return "last"
+    return wanted
 
 
 def _stage1_group(cfg: Any) -> str:
@@ -462,21 +512,61 @@ def compare(table: Table, jobs: list[Job]) -> list[dict[str, Any]]:
             if not mine:
                 continue
             recs = [d for j in mine for d, reason in [read_record(j.run_dir)] if reason is None and d]
-            line: dict[str, Any] = {"ratio": ratio, "label": row.label, "strategy": row.strategy,
-                                    "seeds": len(recs), "planned": len(mine)}  # fmt: skip
+            line: dict[str, Any] = {"ratio": ratio, "label": row.label, "strategy": row.name,
+                                    "seeds": len(recs), "planned": len(mine), "select": mine[0].select}  # fmt: skip
             for key in (table.metric, *GROUP_KEYS):
                 vals = [v for d in recs if isinstance(v := _group_value(d, key, table.metric), (int, float))]
                 line[f"{key}_mean"], line[f"{key}_std"] = _stats([float(v) for v in vals])
+            lasts = [v for d in recs if (v := _last_epoch(d, table.metric)) is not None]
+            line["last_mean"], line["last_std"] = _stats(lasts) if len(lasts) == len(recs) else (math.nan, math.nan)
             pub = row.published[ratio]
-            line.update(published=pub.value, as_published=pub.as_published, source=pub.source,
+            line.update(published=pub.value, as_published=pub.as_published, source=pub.source, protocol=pub.protocol,
                         confidence=pub.confidence, note=row.note, published_groups=dict(pub.groups))  # fmt: skip
             line["delta"] = line[f"{table.metric}_mean"] - pub.value if recs else math.nan
             line["epochs"] = sorted({int(d.get("epochs_completed", 0)) for d in recs})
             line["wall_s"] = sum(float(d.get("wall_time_s") or 0) for d in recs)
+            line.update(_cost(recs))
             line["missing"] = [f"seed {j.seed}: {read_record(j.run_dir)[1]}" for j in mine if j.status != "done"
                                and read_record(j.run_dir)[1] is not None]  # fmt: skip
             out.append(line)
     return out
+
+
+def _last_epoch(d: dict[str, Any], metric: str) -> float | None:
+    """A record's test value at the last epoch of its last stage: its headline number for ``select=last``, the
+    selection's ``last`` scores for ``select=test_oracle``; None for ``select=val`` (its last epoch was scored on
+    validation only)."""
+    sel = d.get("selection") or {}
+    if sel.get("protocol", "last") == "last":
+        v = d.get(metric)
+    elif sel.get("split") == "test":
+        v = (sel.get("last") or {}).get(metric)
+    else:
+        return None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _cost(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a line's runs cost (metrics.json ``cost``): image-steps per run (mean), the trainable parameters of the
+    stage that trains most, and the sums over the runs of training seconds and GPU-hours."""
+    costs = [d.get("cost") if isinstance(d.get("cost"), dict) else {} for d in recs]
+    steps = [float(c.get("image_steps_total") or 0) for c in costs]
+    trainable = [max((v for v in (c.get("trainable_parameters") or {}).values() if isinstance(v, (int, float))),
+                     default=0) for c in costs]  # fmt: skip
+    return {"image_steps": sum(steps) / len(steps) if steps else math.nan,
+            "image_steps_sum": sum(steps), "trainable_parameters": max(trainable, default=0),
+            "train_seconds": sum(float(c.get("train_seconds") or 0) for c in costs),
+            "gpu_hours": sum(float(c.get("gpu_hours") or 0) for c in costs)}  # fmt: skip
+
+
+def _count(n: float) -> str:
+    """1234567 -> 1.23M: image-steps and parameters in a table cell."""
+    if math.isnan(n):
+        return "—"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 def _pm(mean: float, std: float, digits: int = 2) -> str:
@@ -485,17 +575,25 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+SELECTED = {"test_oracle": "best test epoch (TEST-SELECTED)", "val": "epoch chosen on validation", "last": "last epoch"}
+
+
 def _intro(table: Table) -> str:
     conf = ("Confidence: checked (the authors' repository), secondary (quoted by another source), unchecked (the "
             "paper's table, not readable here), measured (the reference code run here; no paper number).")  # fmt: skip
+    like = ("Like with like: each row is run with the selection protocol of its published number (`protocol`: "
+            "best_test → `select=test_oracle`, the best test epoch, which most long-tail code reports; val → "
+            "`select=val`; last / unknown → the last epoch), shown in the `selected` column; `last epoch` is the same "
+            "runs' final-epoch number, ltbench's own protocol. Δ compares the like-with-like column. Cost: "
+            "image-steps per run (every stage) and the trainable parameters of the stage that trains most."
+            )  # fmt: skip
     if table.metric == "top1":
-        return (f"`ltbench reproduce {table.name}`: test top-1 accuracy (%) at the final epoch, mean ± std over seeds "
-                "(sample std), beside the published number (converted to accuracy where the paper gives the error). "
-                f"Δ = ltbench − published; ✓ within {table.tolerance:g} point. {conf}")  # fmt: skip
-    return (f"`ltbench reproduce {table.name}`: test {table.metric.upper()} at the final epoch (lower is better), "
-            "overall and per shot group of label bins, mean ± std over seeds (sample std); the published value in "
-            f"parentheses where the source gives it. Δ = ltbench − published (overall); ✓ within {table.tolerance:g}."
-            f" {conf}")  # fmt: skip
+        return (f"`ltbench reproduce {table.name}`: test top-1 accuracy (%), mean ± std over seeds (sample std), "
+                "beside the published number (converted to accuracy where the paper gives the error). "
+                f"Δ = ltbench − published; ✓ within {table.tolerance:g} point. {like} {conf}")  # fmt: skip
+    return (f"`ltbench reproduce {table.name}`: test {table.metric.upper()} (lower is better), overall and per shot "
+            "group of label bins, mean ± std over seeds (sample std); the published value in parentheses where the "
+            f"source gives it. Δ = ltbench − published (overall); ✓ within {table.tolerance:g}. {like} {conf}")
 
 
 def _cell(x: dict[str, Any], key: str, digits: int) -> str:
@@ -510,16 +608,22 @@ def to_markdown(table: Table, lines: list[dict[str, Any]], meta: dict[str, Any])
     md = [f"# {table.title}", "", _intro(table), "",
           f"Epochs run: {meta['epochs']}; device: {meta['device']}; runs: {meta['runs']}; "
           f"training time (sum over runs): {_duration(meta['wall_s'])}; ltbench {meta['version']} ({meta['git']}).",
-          "", f"| {col} | method | ltbench {metric} (seeds) | many | medium | few | published | Δ | confidence "
-          "| source |",
-          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          f"Compute of the table: {_count(meta.get('image_steps', math.nan))} image-steps, "
+          f"{_duration(meta.get('train_seconds', 0.0))} of training, {meta.get('gpu_hours', 0.0):.2f} GPU-hours "
+          "(summed over its runs).",
+          "", f"| {col} | method | ltbench {metric} (seeds) | selected | last epoch | many | medium | few | published "
+          "| protocol | Δ | image-steps / run | trainable | confidence | source |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x in lines:
         ok = "" if math.isnan(x["delta"]) else (" ✓" if abs(x["delta"]) <= table.tolerance else " ✗")
         delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.{digits}f}{ok}"
         md.append(f"| {fmt_key(x['ratio'])} | {x['label']} | {_pm(x[f'{m}_mean'], x[f'{m}_std'], digits)} "
-                  f"({x['seeds']}/{x['planned']}) | {_cell(x, 'many', digits)} | {_cell(x, 'medium', digits)} | "
-                  f"{_cell(x, 'few', digits)} | {x['published']:.{digits}f} ({x['as_published']}) | {delta} | "
-                  f"{x['confidence']} | {x['source']} |")  # fmt: skip
+                  f"({x['seeds']}/{x['planned']}) | {SELECTED[x['select']]} | "
+                  f"{_pm(x['last_mean'], x['last_std'], digits)} | {_cell(x, 'many', digits)} | "
+                  f"{_cell(x, 'medium', digits)} | {_cell(x, 'few', digits)} | "
+                  f"{x['published']:.{digits}f} ({x['as_published']}) | {x['protocol']} | {delta} | "
+                  f"{_count(x['image_steps'])} | {_count(x['trainable_parameters'])} | {x['confidence']} | "
+                  f"{x['source']} |")  # fmt: skip
     notes = [f"- **{x['label']}** ({what} {fmt_key(x['ratio'])}): {x['note']}" for x in lines if x["note"]]
     missing = [f"- {x['label']} ({what} {fmt_key(x['ratio'])}): {'; '.join(x['missing'])}" for x in lines
                if x["missing"]]  # fmt: skip
@@ -534,8 +638,9 @@ def to_csv(lines: list[dict[str, Any]], metric: str = "top1") -> str:
     import csv
     import io
 
-    keys = ["ratio", "strategy", "label", "seeds", "planned", f"{metric}_mean", f"{metric}_std", "many_mean",
-            "medium_mean", "few_mean", "published", "as_published", "delta", "confidence", "source"]  # fmt: skip
+    keys = ["ratio", "strategy", "label", "seeds", "planned", f"{metric}_mean", f"{metric}_std", "select", "last_mean",
+            "last_std", "many_mean", "medium_mean", "few_mean", "published", "as_published", "protocol", "delta",
+            "image_steps", "trainable_parameters", "train_seconds", "gpu_hours", "confidence", "source"]  # fmt: skip
     buf = io.StringIO()
     w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -553,7 +658,8 @@ def _meta(jobs: list[Job]) -> dict[str, Any]:
     devices = sorted({str(d.get("device", "?")) for d in recs}) or ["—"]
     return {"epochs": ", ".join(map(str, epochs)), "device": ", ".join(devices), "runs": f"{len(recs)}/{len(jobs)}",
             "wall_s": sum(float(d.get("wall_time_s") or 0) for d in recs), "version": ltbench.__version__,
-            "git": _revision(git_revision())}  # fmt: skip
+            "git": _revision(git_revision()), **{k: v for k, v in _cost(recs).items() if k != "image_steps"},
+            "image_steps": _cost(recs)["image_steps_sum"]}  # fmt: skip
 
 
 def _revision(g: dict[str, Any]) -> str:
@@ -571,14 +677,17 @@ def write_report(table: Table, jobs: list[Job], out: Path, console: Console) -> 
     atomic_write_text(out / "reproduce.csv", to_csv(lines, table.metric))
     m, digits = table.metric, 2 if table.metric in ("top1", "mae") else 3
     t = RichTable(title=f"{table.title}: {'top-1 %' if m == 'top1' else m.upper()}, mean ± std over seeds")
-    for col in ("setting" if table.settings else "ratio", "method", "ltbench", "published", "Δ", "confidence"):
+    for col in ("setting" if table.settings else "ratio", "method", "ltbench", "last epoch", "published",
+                "protocol", "Δ", "confidence"):  # fmt: skip
         t.add_column(col)
     for x in lines:
         delta = "—" if math.isnan(x["delta"]) else f"{x['delta']:+.{digits}f}"
         style = "" if math.isnan(x["delta"]) else ("green" if abs(x["delta"]) <= table.tolerance else "yellow")
-        t.add_row(fmt_key(x["ratio"]), x["label"], f"{_pm(x[f'{m}_mean'], x[f'{m}_std'], digits)} ({x['seeds']})",
-                  f"{x['published']:.{digits}f}", f"[{style}]{delta}[/]" if style else delta,
-                  x["confidence"])  # fmt: skip
+        oracle = " oracle" if x["select"] == "test_oracle" else (" val" if x["select"] == "val" else "")
+        t.add_row(fmt_key(x["ratio"]), x["label"],
+                  f"{_pm(x[f'{m}_mean'], x[f'{m}_std'], digits)} ({x['seeds']}){oracle}",
+                  _pm(x["last_mean"], x["last_std"], digits), f"{x['published']:.{digits}f}", x["protocol"],
+                  f"[{style}]{delta}[/]" if style else delta, x["confidence"])  # fmt: skip
     Console().print(t)
     console.print(f"wrote {out / 'reproduce.md'} and {out / 'reproduce.csv'}", soft_wrap=True)
     return lines

@@ -273,7 +273,9 @@ class SelectionHook(Hook):
     headline metric (the task's first column: top-1, or MAE lower-is-better; the first best on ties) is kept, its
     weights held on the CPU and in the checkpoint, and loaded back when the stage ends. Evaluation draws no random
     numbers and runs in eval mode, so training is the same as without it. Its value is the epoch log's
-    ``select_<split>_<metric>`` column."""
+    ``select_<split>_<metric>`` column. The record's ``selection.last`` holds the scores of the stage's last epoch
+    on the same split: for ``test_oracle`` exactly what ``select=last`` reports, so one run gives both columns of a
+    like-with-like comparison (``ltbench reproduce``)."""
 
     order = 15  # before the epoch log (20), which writes the row it adds to, and the checkpoint (30)
 
@@ -283,10 +285,13 @@ class SelectionHook(Hook):
         first = ctx.task.columns()[0]
         self.metric, self.higher = first.key, first.higher_is_better
         self.best: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # the latest epoch's scores on the split: the last epoch's, when the stage ends
 
     def on_epoch_end(self, ep: Epoch) -> None:
-        value = self.ctx.evaluate(self.ctx.predict(self.net(), self.split), self.split).get(self.metric)
+        scores = self.ctx.evaluate(self.ctx.predict(self.net(), self.split), self.split)
+        value = scores.get(self.metric)
         ep.row[f"select_{self.split}_{self.metric}"] = value
+        self.last = {"epoch": ep.index + 1, **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
         if value is None:
             return
         better = not self.best or (value > self.best["value"] if self.higher else value < self.best["value"])
@@ -295,14 +300,20 @@ class SelectionHook(Hook):
             self.best = {"epoch": ep.index + 1, "value": float(value), "state": state}
 
     def state(self) -> dict[str, Any]:
-        return dict(self.best)
+        return {**self.best, "last": self.last}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The best epoch so far and the latest epoch's scores of an interrupted stage (from its checkpoint)."""
+        state = dict(state)
+        self.last = state.pop("last", {})
+        self.best = state
 
     def on_stage_end(self, stage: str, ok: bool) -> None:
         if ok and self.best:
             self.net().load_state_dict(self.best["state"])
             self.ctx.record["selection"] = {"protocol": self.ctx.cfg.select, "stage": stage, "split": self.split,
                                             "metric": self.metric, "epoch": self.best["epoch"],
-                                            "value": self.best["value"]}  # fmt: skip
+                                            "value": self.best["value"], "last": self.last}  # fmt: skip
 
 
 def _hooks(
@@ -311,7 +322,7 @@ def _hooks(
     earlier = list(sctx.outputs)  # the records of the stages before this one: a resume restores them
     select = SelectionHook(ctx, lambda: spec.method.eval_model(spec.net)) if ctx.selecting == stage.name else None
     if select is not None and ckpt is not None and ckpt.get("selection"):
-        select.best = dict(ckpt["selection"])  # the best epoch so far of the interrupted stage
+        select.restore(ckpt["selection"])  # the best epoch so far of the interrupted stage
 
     def state(ep: Epoch) -> dict[str, Any]:
         return {

@@ -54,12 +54,12 @@ def test_regression_tables_compare_the_error_and_the_dir_numbers_of_the_readmes(
 
 def test_regression_plan_uses_the_settings_and_the_report_marks_lower_is_better(tmp_path, monkeypatch):
     t = load_table("bmse_synthetic")
-    jobs = plan(t, tmp_path, [], seeds=[0], rows=["vanilla", "bmse_gai"])  # GAI: two rows (sigma fixed, learnt)
+    jobs = plan(t, tmp_path, [], seeds=[0], rows=["vanilla", "bmse_gai", "bmse_gai_learnt"])  # GAI: sigma fixed, learnt
     assert len(jobs) == 3 and len({j.run_dir for j in jobs}) == len(jobs)
     assert all("dataset.y_sigma=0.5" in j.overrides for j in jobs)
     lines = compare(t, jobs)  # nothing has run: every line is there, without numbers
     md = to_markdown(t, lines, {"epochs": "—", "device": "—", "runs": "0/3", "wall_s": 0, "version": "x", "git": "y"})
-    assert "test MSE at the final epoch (lower is better)" in md and "| setting | method | ltbench MSE (seeds) |" in md
+    assert "test MSE (lower is better)" in md and "| setting | method | ltbench MSE (seeds) |" in md
     assert md.count("| normal_0.5 |") == 3 and "| — (0/1) |" in md
     # a finished run: the groups of an MSE table are the groups' MSE (group_errors), not the record's group MAE
     rec = {"status": "completed", "config_hash": jobs[0].config_hash, "mse": 5.0, "many": 0.4,
@@ -198,3 +198,40 @@ def test_cli_a_failed_job_does_not_stop_the_others_nor_a_broken_record_the_repor
     (ce.run_dir / "metrics.json").write_text("{not json")
     r = ltbench(*args, "--report-only", cwd=tmp_path)
     assert r.returncode == 0 and "unreadable record" in (out / "reproduce.md").read_text()  # listed, not fatal
+
+
+def test_each_row_runs_with_its_sources_protocol_and_shows_the_last_epoch_beside_it(tmp_path, monkeypatch):
+    """Issue 17: like with like. A best-test-epoch number is compared with ltbench's best test epoch
+    (select=test_oracle), and the same runs' last epoch stands beside it; a last stage computed from features has no
+    epoch to choose; the cost of every row and of the table is summed."""
+    t = load_table("cifar10lt_ldam")
+    assert {r.published[100.0].protocol for r in t.rows} == {"best_test"}
+    jobs = plan(t, tmp_path, ["experiment=smoke"], seeds=[0, 1], ratios=[100], rows=["ce", "tau_norm"])
+    by = {(j.row.name, j.seed): j for j in jobs}
+    assert by["ce", 0].select == "test_oracle" and "select=test_oracle" in by["ce", 0].overrides
+    assert by["tau_norm", 0].select == "last" and not any(o.startswith("select=") for o in by["tau_norm", 0].overrides)
+    assert plan(t, tmp_path, ["experiment=smoke", "select=last"], seeds=[0], ratios=[100], rows=["ce"])[0].select == \
+        "last"  # fmt: skip  (a user's select= wins)
+    assert load_table("agedb_dir").rows[0].published["dir"].select == "val"
+    monkeypatch.setattr("ltbench.records.problem", lambda d: None)  # hand-written records, not full ones
+    for seed, (best, last) in enumerate(((71.0, 70.0), (73.0, 72.0))):
+        j = by["ce", seed]
+        j.run_dir.mkdir(parents=True)
+        cost = {"image_steps_total": 1000 * (seed + 1), "trainable_parameters": {"train": 464154},
+                "train_seconds": 60.0, "gpu_hours": 0.5}  # fmt: skip
+        rec = {"status": "completed", "config_hash": j.config_hash, "top1": best, "cost": cost,
+               "selection": {"protocol": "test_oracle", "split": "test", "epoch": 3, "value": best,
+                             "last": {"epoch": 4, "top1": last}}}  # fmt: skip
+        (j.run_dir / "metrics.json").write_text(json.dumps(rec))
+    ce = next(x for x in compare(t, jobs) if x["strategy"] == "ce")
+    assert (ce["top1_mean"], ce["last_mean"], ce["protocol"], ce["select"]) == (72.0, 71.0, "best_test", "test_oracle")
+    assert ce["delta"] == pytest.approx(72.0 - 70.36)  # against the like-with-like column
+    assert (ce["image_steps"], ce["gpu_hours"], ce["trainable_parameters"]) == (1500.0, 1.0, 464154)
+    from ltbench.reproduce import _meta
+
+    md = to_markdown(t, compare(t, jobs), _meta(jobs))
+    assert "| 100 | CE (ERM) | 72.00 ± 1.41 (2/2) | best test epoch (TEST-SELECTED) | 71.00 ± 1.41 |" in md
+    assert "| best_test |" in md and "| 1.5k | 464k |" in md
+    assert "Compute of the table: 3k image-steps, 2m00s of training, 1.00 GPU-hours" in md
+    with pytest.raises(ConfigError, match="protocol must be one of best_test, val, last, unknown"):
+        _published({"ratio": 100, "error": 20, "source": "x", "confidence": "checked", "protocol": "best"}, "t.yaml")

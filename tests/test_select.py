@@ -26,8 +26,14 @@ def test_test_oracle_reports_the_best_test_epoch_and_says_so(compose_cfg, cifar1
     rows = _epochs(tmp_path / "oracle")
     per_epoch = [float(r["select_test_top1"]) for r in rows]
     best = max(per_epoch)
-    assert oracle["selection"] == {"protocol": "test_oracle", "stage": "train", "split": "test", "metric": "top1",
-                                   "epoch": per_epoch.index(best) + 1, "value": best}  # fmt: skip
+    sel = dict(oracle["selection"])
+    final = sel.pop("last")
+    assert sel == {"protocol": "test_oracle", "stage": "train", "split": "test", "metric": "top1",
+                   "epoch": per_epoch.index(best) + 1, "value": best}  # fmt: skip
+    # the last epoch's scores, recorded beside the choice: what select=last reports, overall and per shot group
+    assert final["epoch"] == 4
+    for key in ("top1", "many", "medium", "few"):
+        assert final[key] == pytest.approx(last[key]), key
     assert oracle["top1"] == pytest.approx(best) and oracle["top1"] >= last["top1"]
     assert per_epoch[-1] == pytest.approx(last["top1"])  # training is the same: the last epoch is the plain run's
     assert last["selection"]["protocol"] == "last" and last["selection"]["epoch"] == 4

@@ -6,6 +6,7 @@ report."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 from conftest import make_cifar
@@ -20,16 +21,19 @@ REGRESSION_TABLES = {"agedb_dir", "imdbwiki_dir", "stsb_dir", "bmse_synthetic"}
 
 def test_every_table_loads_and_every_number_has_a_source():
     strategies = {p.name for p in list_strategies()}
+    experiments = {f.name[: -len(".yaml")] for f in resources.files("ltbench.conf").joinpath("experiment").iterdir()}
     assert {"cifar10lt_ldam", "cifar100lt_ldam"} | REGRESSION_TABLES <= set(list_tables())
     for name in list_tables():
         t = load_table(name)
         assert t.seeds == (0, 1, 2) and t.rows
         for row in t.rows:
-            assert row.strategy in strategies, f"{name}: no preset {row.strategy}"
+            assert row.strategy is None or row.strategy in strategies, f"{name}: no preset {row.strategy}"
+            assert row.experiment is None or row.experiment in experiments, f"{name}: no preset {row.experiment}"
             for key, p in row.published.items():
                 assert p.source and p.confidence in ("checked", "secondary", "unchecked", "measured")
+                assert p.protocol in ("best_test", "val", "last", "unknown")
                 if t.metric == "top1":
-                    assert key >= 1 and 0 < p.top1 < 100
+                    assert (key in dict(t.settings) if t.settings else key >= 1) and 0 < p.top1 < 100
                 else:  # a regression error, its groups no smaller than zero, keyed by a setting of the table
                     assert key in dict(t.settings) and p.value > 0 and all(v > 0 for _, v in p.groups)
 

@@ -328,3 +328,18 @@ def test_ranksim_step_adds_gamma_times_the_term_on_the_features():
     reg = batch_ranksim(torch.tanh(x), y, 2.0, torch.Generator().manual_seed(4))  # the same draws
     assert sums["mean_ranksim"].item() == pytest.approx(reg.item() * 8) and reg > 0
     assert loss.item() == pytest.approx(_Loss()(lin(torch.tanh(x)), y, None).item() + 3.0 * reg.item(), rel=1e-6)
+
+
+def test_the_agedb_presets_are_the_reference_commands(compose_dir):
+    """experiment=ranksim_agedb: ranksim agedb-dir/README.md "SQINV + RankSim" (batch 64, lr 2.5e-4, gamma 100,
+    lambda 2, sqrt_inv); experiment=conr_agedb: ConR agedb-dir/README.md + its train.py defaults (120 epochs, lr
+    x0.1 at 60 and 80); both test the best validation checkpoint, as the references' train.py."""
+    r = to_schema(compose_dir("experiment=ranksim_agedb"))
+    m = r.method
+    assert (m.name, m.gamma, m.interpolation_lambda, r.reweight.name) == ("ranksim", 100, 2, "sqinv")
+    c = to_schema(compose_dir("experiment=conr_agedb"))
+    assert (c.method.name, c.method.beta, c.method.window, c.method.e, c.reweight.name) == ("conr", 4, 1, 0.01, "none")
+    for cfg, epochs in ((r, 90), (c, 120)):
+        s = cfg.schedule
+        assert (cfg.dataset.name, cfg.model.name, cfg.loss.name, cfg.select) == ("agedb_dir", "resnet50", "l1", "val")
+        assert (s.optimizer, s.batch_size, s.lr, s.epochs, s.milestone_epochs) == ("adam", 64, 2.5e-4, epochs, [60, 80])

@@ -756,7 +756,7 @@ def _show_plan(jobs: list[Job], console: Console, out: Path | None = None) -> No
         console.print(f"run directories under {out}", soft_wrap=True)
     t = RichTable(title=f"{len(jobs)} runs")
     t.add_column("run / run directory", ratio=1, overflow="fold")
-    for col in ("status", "epochs", "stage 1"):
+    for col in ("status", "epochs", "stage 1", "select"):
         t.add_column(col, no_wrap=True, justify="right" if col == "epochs" else "left")
     seen = {j.group for j in jobs if j.group and j.status == "done"}
     total = 0
@@ -766,7 +766,8 @@ def _show_plan(jobs: list[Job], console: Console, out: Path | None = None) -> No
             seen.add(j.group)
         cost = 0 if j.status == "done" else j.cost(shared)
         total += cost
-        t.add_row(f"{j.name}\n{d}", j.status, str(cost), "shared" if shared else ("trained" if j.group else "—"))
+        t.add_row(f"{j.name}\n{d}", j.status, str(cost), "shared" if shared else ("trained" if j.group else "—"),
+                  j.select)  # fmt: skip
     console.print(t)
     console.print(f"{sum(j.status == 'done' for j in jobs)} of {len(jobs)} runs complete; {total} epochs to train")
 

@@ -3,8 +3,10 @@ training set (the protocol of DARP, Kim et al. 2020, reused by CReST, ABC, DASO 
 
 Per class k (0-indexed, k = 0 the largest), ``N_k = int(N_1 * gamma_l^(-k/(K-1)))`` labeled and
 ``M_k = int(M_1 * gamma_u^(-k/(K-1)))`` unlabeled images (``unlabeled_order: reversed`` reverses the unlabeled
-counts: the rarest labeled class is the most frequent unlabeled one; ``unlabeled_ratio: 1`` is a balanced unlabeled
-set). With N_1=1500, M_1=3000, gamma_l=gamma_u=100 on CIFAR-10: 3,720 labeled and 7,443 unlabeled images.
+counts: the rarest labeled class is the most frequent unlabeled one; ``middle`` and ``head_tail`` are SimPro's
+"middle" and "head-tail" protocols, the largest counts given to the middle classes, or to both ends;
+``unlabeled_ratio: 1`` is a balanced unlabeled set). With N_1=1500, M_1=3000, gamma_l=gamma_u=100 on CIFAR-10:
+3,720 labeled and 7,443 unlabeled images.
 
 The images come from a private seeded shuffle of each class (``dataset.split_seed``), in this order: labeled, then
 unlabeled, then the validation split (``val_per_class``): the three are disjoint, and the indices of all three are
@@ -39,17 +41,19 @@ class CifarSSLConfig(CifarLTConfig):
     max_labeled: int = 1500
     max_unlabeled: int = 3000
     unlabeled_ratio: float = 100.0
-    unlabeled_order: str = "same"  # same | reversed
+    unlabeled_order: str = "same"  # same | reversed | middle | head_tail (UNLABELED_ORDERS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.unlabeled_order not in ("same", "reversed"):
-            raise ConfigError(f"dataset.unlabeled_order must be same or reversed, got {self.unlabeled_order!r}")
+        if self.unlabeled_order not in UNLABELED_ORDERS:
+            raise ConfigError(
+                f"dataset.unlabeled_order must be one of {', '.join(UNLABELED_ORDERS)}, got {self.unlabeled_order!r}"
+            )
         if self.max_labeled < 1 or self.max_unlabeled < 0 or not self.unlabeled_ratio >= 1:
             raise ConfigError("dataset.max_labeled >= 1, max_unlabeled >= 0 and unlabeled_ratio >= 1 are needed")
 
     def unlabeled_text(self) -> str:
-        order = ", reversed" if self.unlabeled_order == "reversed" else ""
+        order = "" if self.unlabeled_order == "same" else f", {self.unlabeled_order.replace('_', '-')}"
         return f"U {self.max_unlabeled} max, ratio {self.unlabeled_ratio:g}{order}"
 
     def counts(self) -> tuple[list[int], list[int]]:
@@ -57,7 +61,26 @@ class CifarSSLConfig(CifarLTConfig):
         labeled = lt_counts(self.max_labeled, self.num_classes, self.imbalance_ratio or 1.0)
         unlabeled = lt_counts(self.max_unlabeled, self.num_classes, self.unlabeled_ratio) if self.max_unlabeled else (
             [0] * self.num_classes)  # fmt: skip
-        return labeled, unlabeled[::-1] if self.unlabeled_order == "reversed" else unlabeled
+        return labeled, order_counts(unlabeled, self.unlabeled_order)
+
+
+UNLABELED_ORDERS = ("same", "reversed", "middle", "head_tail")
+
+
+def order_counts(counts: list[int], order: str) -> list[int]:
+    """The long-tailed counts (largest first) given to the classes in ``order``: ``same`` (class k gets the k-th
+    largest), ``reversed``, and SimPro's protocols (LeapLabTHU/SimPro ``dataset/cifar.py`` ``make_imb_data``,
+    ``flag_LT`` 3 and 4): ``middle`` gives class k the count of rank ``[K-2, K-4, ..., 0, 1, 3, ...][k]`` (K even:
+    the largest counts in the middle classes) and ``head_tail`` the rank ``[1, 3, ..., K-2, ..., 4, 2, 0][k]``
+    (the largest at both ends, the smallest in the middle)."""
+    k = len(counts)
+    ranks = {
+        "same": list(range(k)),
+        "reversed": list(range(k))[::-1],
+        "middle": list(range(0, k, 2))[::-1] + list(range(1, k, 2)),
+        "head_tail": list(range(1, k, 2)) + list(range(0, k, 2))[::-1],
+    }[order]
+    return [counts[r] for r in ranks]
 
 
 def ssl_split(

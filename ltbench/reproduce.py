@@ -183,8 +183,11 @@ def load_table(name: str) -> Table:
     if name not in list_tables():
         raise ConfigError(f"no published table {name!r}; choose one of: {', '.join(list_tables())}")
     text = (resources.files("ltbench.published") / f"{name}.yaml").read_text()
-    d = yaml.safe_load(text)
     where = f"ltbench/published/{name}.yaml"
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(d, dict) or d.get("name") != name or not d.get("rows") or not d.get("dataset"):
         raise ConfigError(f"{where}: needs name: {name}, a dataset and rows")
     metric = str(d.get("metric", "top1"))

@@ -130,7 +130,8 @@ def method_overrides(cfg: TrainConfig, overrides: list[str] | None) -> list[str]
 
 def method_label(cfg: TrainConfig, overrides: list[str] | None) -> str:
     """The strategy name, the pre-training (``ce+SSP``) and the semi-supervised method with its unlabeled data
-    (``ce+FixMatch (U 3000 max, ratio 100)``), plus the other command-line overrides that change the method."""
+    (``ce+FixMatch (U 3000 max, ratio 100)``), a classifier stage that declares a label suffix (``sade+TTA(test)``),
+    plus the other command-line overrides that change the method."""
     name = cfg.strategy
     if cfg.pretrain is not None:
         name += cfg.pretrain.label_suffix or f"+{cfg.pretrain.name}"
@@ -138,7 +139,12 @@ def method_label(cfg: TrainConfig, overrides: list[str] | None) -> str:
         name += cfg.semi.label_suffix or f"+{cfg.semi.name}"
         unlabeled = cfg.dataset.unlabeled_text()
         name += f" ({unlabeled})" if unlabeled is not None else ""
-    extra = [o for o in method_overrides(cfg, overrides) if _override_key(o) not in ("pretrain", "semi")]
+    named = ["pretrain", "semi"]
+    suffix = cfg.classifier.label_suffix if cfg.classifier is not None else None
+    if suffix:  # a classifier stage that must be named whatever set it (SADE's test-time adaptation: +TTA(test))
+        name += suffix
+        named.append("classifier")
+    extra = [o for o in method_overrides(cfg, overrides) if _override_key(o) not in named]
     if cfg.select != "last" and not any(_override_key(o) == "select" for o in extra):
         extra.append(f"select={cfg.select}")  # the selection protocol is always in the label (test_oracle above all)
     return f"{name} [{', '.join(extra)}]" if extra else name

@@ -4,7 +4,8 @@ A table (``ltbench/published/<name>.yaml``) lists rows (a strategy preset, optio
 value of each at each imbalance ratio (classification) or named setting (``settings:``, each a list of overrides;
 regression tables), its source and how that source was checked. A table names its ``metric`` (``top1``, the
 default, higher is better; ``mae`` / ``mse``, lower is better), and an entry may give the per-shot-group values
-(``many`` / ``medium`` / ``few``) beside the overall one. ``reproduce`` runs every row at
+(``many`` / ``medium`` / ``few``) beside the overall one, the ``protocol`` its source selected on, and ``overrides``
+that its run alone needs (a per-setting budget). ``reproduce`` runs every row at
 every ratio it has a published number for, once per seed, as ordinary ``ltbench train`` processes (one crashed job
 does not stop the others), then writes ``reproduce.md`` / ``reproduce.csv``: mean ± std over seeds, the published
 value, the difference and the source.
@@ -65,6 +66,7 @@ class Published:
     confidence: str
     groups: tuple[tuple[str, float], ...] = ()
     protocol: str = "unknown"  # one of PROTOCOLS: how the source selected the epoch it reports
+    overrides: tuple[str, ...] = ()  # what this number's run needs beyond its row's (a per-setting budget)
 
     @property
     def select(self) -> str:
@@ -156,7 +158,8 @@ def _published(
         if not isinstance(entry.get(metric), (int, float)) or entry[metric] < 0:
             raise ConfigError(f"{where}: each published entry needs its {metric} (a number >= 0)")
         value = float(entry[metric])
-        return key, Published(value, f"{metric} {value:g}", entry["source"], entry["confidence"], groups, protocol)
+        return key, Published(value, f"{metric} {value:g}", entry["source"], entry["confidence"], groups, protocol,
+                              tuple(entry.get("overrides") or ()))  # fmt: skip
     if ("error" in entry) == ("accuracy" in entry):
         raise ConfigError(f"{where}: each published entry needs a ratio and exactly one of error / accuracy")
     kind = "error" if "error" in entry else "accuracy"
@@ -164,7 +167,8 @@ def _published(
     if not 0 <= value <= 100:
         raise ConfigError(f"{where}: {kind} {value} is not a percentage")
     top1 = 100.0 - value if kind == "error" else value
-    return key, Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"], groups, protocol)
+    return key, Published(round(top1, 4), f"{kind} {value:g}", entry["source"], entry["confidence"], groups, protocol,
+                          tuple(entry.get("overrides") or ()))  # fmt: skip
 
 
 def _row(d: Any, where: str, metric: str = "top1", settings: tuple[str, ...] = (), protocol: str = "unknown") -> Row:
@@ -261,7 +265,8 @@ def plan(
                     continue
                 for seed in table.seeds if seeds is None else seeds:
                     ov = [*table.overrides, f"dataset={table.dataset}", *table.key_overrides(ratio), *row.presets,
-                          *row.overrides, f"seed={seed}", *extras, f"results_dir={_quote(str(out))}"]  # fmt: skip
+                          *row.overrides, *row.published[ratio].overrides, f"seed={seed}", *extras,
+                          f"results_dir={_quote(str(out))}"]  # fmt: skip
                     cfg = _compose(compose, to_schema, ov, f"{row.name} at {fmt_key(ratio)}")
                     select = _select(cfg, row.published[ratio].select, extras)
                     if select != cfg.select:

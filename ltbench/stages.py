@@ -190,6 +190,7 @@ class StageSpec:
     augment: AugmentConfig | None
     synth: Synthesizer | None = None
     no_decay: list[str] = field(default_factory=list)  # more parameter-name patterns without weight decay
+    state: dict[str, Any] = field(default_factory=dict)  # more checkpoint entries (a multi-round stage's round)
 
 
 def train(ctx: RunContext, sctx: StageContext, stage: Stage, spec: StageSpec, ckpt: dict | None) -> list[dict]:
@@ -337,6 +338,7 @@ def _hooks(
             "log": tr.rows,
             "stages": {k: ctx.record[k] for k in earlier if k in ctx.record},
             **({"selection": select.state()} if select is not None else {}),
+            **spec.state,
         }
 
     hooks: list[Hook] = [

@@ -40,6 +40,7 @@ TASKS = ("classification", "regression")
 INPUT_KINDS = ("images", "features", "text")  # what a dataset gives (DatasetConfig.inputs)
 # torch.compile modes (``compile=``); "none": eager. "true"/"false" (a YAML bool) mean "default"/"none".
 SELECT = ("last", "val", "test_oracle")  # model-selection protocols (``select=``)
+TTE_MODES = ("none", "fivecrop", "tencrop")  # test-time ensembling of the final evaluation (``tte=``)
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -137,6 +138,10 @@ class ScheduleConfig:
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])  # fractions: epochs 160 and 180 of 200
     gamma: float = 0.01  # step decay factor applied at each milestone (x0.01 at 160, x0.0001 at 180)
     eval_batch_size: int = runtime(1000)
+    # Gradient accumulation: each batch of batch_size is split into `accumulate` equal micro-batches, each forward-
+    # backward in turn, one optimiser step (the gradient of the whole batch for a model without BatchNorm and a loss
+    # that is a per-sample mean; LIFT's micro_batch_size = batch_size / accumulate). 1: off.
+    accumulate: int = added(1)
 
     @property
     def warmup_epochs(self) -> int:
@@ -148,7 +153,7 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         for key, ok in (
-            ("epochs", self.epochs >= 1),
+            ("epochs", self.epochs >= 0),  # 0: the stage evaluates the model as built (zero-shot CLIP)
             ("batch_size", self.batch_size >= 1),
             ("eval_batch_size", self.eval_batch_size >= 1),
             ("lr", self.lr > 0 and math.isfinite(self.lr)),
@@ -166,6 +171,8 @@ class ScheduleConfig:
             raise ConfigError("schedule.warmup is a fraction of the epochs in [0, 1)")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"schedule.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        if self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ConfigError(f"schedule.accumulate={self.accumulate} must be >= 1 and divide schedule.batch_size")
 
 
 @dataclass
@@ -386,10 +393,20 @@ class TrainConfig:
     # is evaluated every epoch), test_oracle (the best test epoch, what most long-tail papers report; a run with it
     # never shares a mean with another protocol and its label says so). Applies to the last stage, which must train.
     select: str = added("last", mark="run")
+    # Test-time ensembling of the final evaluation (LIFT's tte, shijxcs/LIFT trainer.py): none | fivecrop | tencrop;
+    # each image resized (short side) to R + tte_expand, logits averaged over the crops of R (R: the model's
+    # image_size, else the input's), ten crops: five and their mirror images. Evaluation only: no stage changes.
+    tte: str = added("none", mark="run")
+    tte_expand: int = added(24, mark="run")
 
     def __post_init__(self) -> None:
         if self.select not in SELECT:
             raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.tte not in TTE_MODES or self.tte_expand < 0:
+            raise ConfigError(f"tte must be one of {', '.join(TTE_MODES)} and tte_expand >= 0, got {self.tte!r}, "
+                              f"{self.tte_expand}")  # fmt: skip
+        if self.tte != "none" and getattr(self.dataset, "inputs", "images") != "images":
+            raise ConfigError(f"tte={self.tte} crops images; dataset={self.dataset.name} gives {self.dataset.inputs}")
         if self.select != "last" and self.classifier is not None and self.classifier.training_schedule() is None:
             raise ConfigError(
                 f"select={self.select} picks an epoch of the last stage, and classifier={self.classifier.name} is "

@@ -31,8 +31,8 @@ from ltbench.errors import LtbenchError
 from ltbench.optim import lr_at, set_lr
 
 __all__ = [
-    "Batch", "Compiled", "Epoch", "Hook", "Totals", "Trainer", "autocast", "check_compile", "fit", "predict",
-    "train_epoch",
+    "Batch", "Compiled", "Epoch", "Hook", "TestTimeEnsemble", "Totals", "Trainer", "autocast", "check_compile", "fit",
+    "predict", "train_epoch",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -102,11 +102,14 @@ def train_epoch(tr: Trainer, ep: Epoch, stream: Iterable[Batch], hooks: list[Hoo
         n = len(batch)
         if n < 2:  # a batch of one breaks BatchNorm; it is at most one sample an epoch
             continue
-        net = tr.model if tr.compiled is None else tr.compiled.pick(n)
-        with first_compiled_call(tr.compiled, net):
-            loss, sums = tr.method.step(net, batch, ep)  # type: ignore[arg-type]  # a compiled module is callable
-            tr.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # (a compiled forward's backward is compiled at its first call)
+        if tr.schedule.accumulate > 1:
+            net, loss, sums = accumulated_step(tr, batch, ep)
+        else:
+            net = tr.model if tr.compiled is None else tr.compiled.pick(n)
+            with first_compiled_call(tr.compiled, net):
+                loss, sums = tr.method.step(net, batch, ep)  # type: ignore[arg-type]  # a compiled module is callable
+                tr.optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # (a compiled forward's backward is compiled at its first call)
         for h in hooks:
             h.after_backward(ep, net)  # gradients are there, the step not taken yet (clipping, gradient edits)
         tr.optimizer.step()
@@ -125,6 +128,39 @@ def train_epoch(tr: Trainer, ep: Epoch, stream: Iterable[Batch], hooks: list[Hoo
     }
 
 
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` in ``parts`` consecutive micro-batches (inputs, targets, indices and an attached unlabeled batch
+    split alike; the last ones shorter when the batch does not divide)."""
+
+    def cut(t: torch.Tensor | None) -> list[Any]:
+        return [None] * parts if t is None else list(torch.tensor_split(t, parts))
+
+    unl = batch.unlabeled
+    unl_parts = [None] * parts if unl is None else split_batch(unl, parts)
+    return [Batch(x, y, i, u) for x, y, i, u in zip(cut(batch.x), cut(batch.y), cut(batch.index), unl_parts)
+            if len(y)]  # fmt: skip
+
+
+def accumulated_step(tr: Trainer, batch: Batch, ep: Epoch) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    """Gradient accumulation (``schedule.accumulate``): the batch's micro-batches go forward and backward one after
+    another, each loss weighted by its share of the batch, so the summed gradient is that of the batch's mean loss
+    (exact for a per-sample-mean loss without batch statistics). Returns the last module called, the batch's mean
+    loss (detached) and the summed step sums; the optimiser steps once, in the caller."""
+    n, loss_sum = len(batch), torch.zeros((), dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
+    tr.optimizer.zero_grad(set_to_none=True)
+    net: Any = tr.model
+    for part in split_batch(batch, tr.schedule.accumulate):
+        net = tr.model if tr.compiled is None else tr.compiled.pick(len(part))
+        with first_compiled_call(tr.compiled, net):
+            loss, part_sums = tr.method.step(net, part, ep)
+            (loss * (len(part) / n)).backward()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(part)
+        for k, v in part_sums.items():
+            sums[k] = v if k not in sums else sums[k] + v
+    return net, (loss_sum / n).float(), sums
+
+
 def epoch_row(tr: Trainer, ep: Epoch) -> dict[str, Any]:
     """The epoch's line of the stage's epoch log (epoch is 1-based)."""
     s = ep.stats
@@ -139,6 +175,31 @@ def epoch_row(tr: Trainer, ep: Epoch) -> dict[str, Any]:
         **{k[len("mean_") :]: round(v, 6) for k, v in s.items() if k.startswith("mean_")},
         **tr.method.row_extras(ep),
     }
+
+
+class TestTimeEnsemble(nn.Module):
+    __test__ = False  # not a pytest class
+    """Test-time ensembling (``tte=fivecrop|tencrop``, LIFT's ``tte``): ``forward(x)`` is the mean of the model's
+    outputs over the views of :func:`ltbench.data.augment.tte_views` of ``x`` (the images as the feed gives them);
+    the crop size is the model's ``image_size`` if it has one, else the input's short side. Any image model can use
+    it; it changes evaluation only. ``features`` are the model's own (no ensembling)."""
+
+    def __init__(self, model: nn.Module, mode: str, expand: int) -> None:
+        super().__init__()
+        self.model, self.mode, self.expand = model, mode, int(expand)
+
+    def crops(self) -> int:
+        return 10 if self.mode == "tencrop" else 5
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)  # type: ignore[operator]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ltbench.data.augment import tte_views
+
+        size = int(getattr(self.model, "image_size", 0) or min(x.shape[-2:]))
+        views = tte_views(x, size, self.expand, self.mode)
+        return torch.stack([self.model(v.contiguous()) for v in views]).mean(0)  # a view at a time: eval memory
 
 
 @torch.no_grad()

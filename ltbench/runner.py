@@ -35,6 +35,7 @@ from ltbench.dist import from_env as dist_from_env
 from ltbench.dist import setup as dist_setup
 from ltbench.errors import CheckpointError, ConfigError, LtbenchError
 from ltbench.feed import DataFeed
+from ltbench.fit import TestTimeEnsemble
 from ltbench.identity import config_hash, method_label, replicate_key
 from ltbench.loggers import LOGGERS
 from ltbench.models import build_model
@@ -199,6 +200,9 @@ def _train_and_evaluate(tcfg: TrainConfig, rd: RunDir, record: dict, console: Co
         model = sync_batchnorm(model, device)
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     record["num_parameters"] = sum(p.numel() for p in model.parameters())
+    if isinstance(getattr(model, "weights", None), dict):  # a pre-trained backbone: which weights, their sha256
+        record["model_weights"] = dict(model.weights)  # type: ignore[arg-type]
+        record["preprocess"] = model.preprocess()  # type: ignore[operator]
     loggers = [LOGGERS.build(tcfg.logger, rd.path)] if tcfg.logger is not None and rd.writer else []
     ctx = RunContext(tcfg, data, task, stats, DataFeed(data, tcfg.dataset, device), device, info, rd, record,
                      console, _progress(tcfg, info, console), loggers)  # fmt: skip
@@ -393,6 +397,13 @@ def _starting_point(ctx: RunContext, stages, keys, model) -> tuple[int, dict | N
 def _final_outputs(ctx: RunContext, model: torch.nn.Module, last: StageResult | None) -> dict[str, torch.Tensor]:
     """Test (and validation) outputs of the final network: evaluated once, after the last stage."""
     outputs = dict(last.outputs or {}) if last is not None else {}
+    if ctx.cfg.tte != "none":  # test-time ensembling: of the network's own outputs, test and validation alike
+        tte = TestTimeEnsemble(model, ctx.cfg.tte, ctx.cfg.tte_expand)
+        ctx.record["tte"] = {"mode": ctx.cfg.tte, "expand": ctx.cfg.tte_expand, "crops": tte.crops(),
+                             "applied": "test" not in outputs}  # fmt: skip
+        if "test" in outputs:
+            log.warning("tte=%s: the last stage computed its own test outputs; they are not ensembled", ctx.cfg.tte)
+        model = tte
     if "test" not in outputs:
         outputs["test"] = ctx.predict(model, "test")
     if "val" not in outputs and len(ctx.data.val_y):

@@ -201,7 +201,8 @@ def train(ctx: RunContext, sctx: StageContext, stage: Stage, spec: StageSpec, ck
     module = method.wrap(spec.net)
     groups = stage_groups(module, [*sched.no_decay, *spec.no_decay, *method.no_decay(spec.net)], method.param_groups())
     optimizer = build_optimizer(sched, groups)
-    ctx.trainable[stage.name] = sum(p.numel() for g in groups for p in g.params)
+    # a zero-epoch stage (zero-shot CLIP) trains nothing
+    ctx.trainable[stage.name] = sum(p.numel() for g in groups for p in g.params) if sched.epochs else 0
     start, rows = 0, []
     if ckpt is not None:
         spec.net.load_state_dict(ckpt["model"])

@@ -13,6 +13,9 @@ rest), everything written under ``--out``:
 1. ``throughput``: ``scripts/bench_throughput.py`` (ResNet-32 batch 128: bare step, ltbench's loop eager and
    ``compile=reduce-overhead`` in bf16 and fp32, the peer loop) -> ``OUT/bench/throughput.{md,json}``.
 2. ``packing``: ``scripts/bench_packing.py`` N = 1, 2, 4, 8 -> ``OUT/bench/packing.{md,json}``.
+2b. ``foundation``: ``scripts/bench_foundation.py`` (CLIP ViT-B/16 at batch 128 in bf16, AdaptFormer and full
+   fine-tuning, gradient checkpointing off / on: images/s and peak memory against a 20 GB budget; 8 % of
+   ``--minutes``) -> ``OUT/bench/foundation.{md,json}``.
 3. ``reproduce``: 200-epoch CIFAR-10-LT ratio-100 runs of ``ltbench reproduce cifar10lt_ldam --seeds 0``, packed
    (``--jobs N``: the best N of step 2, else 8; ``compile=reduce-overhead``), most informative rows first
    (:data:`PRIORITY`), in waves of N rows. At the deadline the runs get SIGTERM and stop at their last epoch's
@@ -51,10 +54,11 @@ TABLE = "cifar10lt_ldam"
 # The rows of the table in the order they are worth device time: the baseline, the paper's method, the two
 # loss-side corrections, the decoupled classifier; then the rest of the table.
 PRIORITY = ["ce", "ldam_drw", "logit_adjust", "balanced_softmax", "crt", "ce_drw", "ldam", "focal", "cb_sigmoid_focal",
-            "tau_norm", "lws", "posthoc_la", "mislas"]  # fmt: skip
-STEPS = ("data", "throughput", "packing", "reproduce", "environment")
+            "tau_norm", "lws", "posthoc_la", "mislas", "glmc", "glmc_r10"]  # fmt: skip
+STEPS = ("data", "throughput", "packing", "foundation", "reproduce", "environment")
 SKIPPED_DEADLINE = "skipped, deadline"
 BENCH_SHARE = 0.15  # of the deadline, the box of each benchmark step (1 and 2); the reproduction has the rest
+FOUNDATION_SHARE = 0.08  # of the deadline, the box of the foundation-model step (2b): 43 s of 9 minutes
 
 
 @dataclass
@@ -191,6 +195,14 @@ def packing_cmd(args: argparse.Namespace, out: Path, data: Path) -> list[str]:
     if args.dry_run:
         return [*cmd, "--quick", "--device", "cpu", "--jobs", "1", "2", "--seconds", "1.5"]
     return [*cmd, "--device", "cuda", "--jobs", "1", "2", "4", "8", "--seconds", "6", "--warmup", "2"]
+
+
+def foundation_cmd(args: argparse.Namespace, out: Path, data: Path | None) -> list[str]:
+    cmd = [sys.executable, str(SCRIPTS / "bench_foundation.py"), "--out", str(out / "bench")]
+    if args.dry_run:
+        return [*cmd, "--quick", "--device", "cpu"]
+    return [*cmd, "--device", "cuda", "--kinds", "adaptformer,full", "--batch-size", "128", "--steps", "3",
+            "--windows", "2", "--warmup", "1"]  # fmt: skip
 
 
 def best_jobs(out: Path, dry_run: bool) -> tuple[int, str]:
@@ -393,12 +405,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_step(steps["data"], clock, 600.0, 0.5, data)
     root = data_holder["root"]
     box = BENCH_SHARE * args.minutes * 60.0  # 90 s each of 10 minutes
-    plans = (("throughput", throughput_cmd, box, ["bench/throughput.md", "bench/throughput.json"]),
-             ("packing", packing_cmd, box, ["bench/packing.md", "bench/packing.json"]))  # fmt: skip
-    for name, make, box, outputs in plans:
+    plans = (("throughput", throughput_cmd, box, ["bench/throughput.md", "bench/throughput.json"], True),
+             ("packing", packing_cmd, box, ["bench/packing.md", "bench/packing.json"], True),
+             ("foundation", foundation_cmd, FOUNDATION_SHARE * args.minutes * 60.0,
+              ["bench/foundation.md", "bench/foundation.json"], False))  # fmt: skip
+    for name, make, box, outputs, needs_data in plans:
         s = steps[name]
         s.outputs = outputs
-        if root is None:
+        if root is None and needs_data:
             s.status = "skipped, no data"
         elif name in done_before:
             s.status = "skipped, done before"

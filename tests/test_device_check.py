@@ -40,6 +40,7 @@ def test_dry_run_writes_every_table_and_a_summary_of_every_step_then_resumes(tmp
     assert "| ltbench | none | fp32 |" in (out / "bench" / "throughput.md").read_text()
     assert "| bare eager step |" in (out / "bench" / "throughput.md").read_text()
     assert [r["jobs"] for r in json.loads((out / "bench" / "packing.json").read_text())["rows"]] == [1, 2]
+    assert "| adaptformer | True | 1 |" in (out / "bench" / "foundation.md").read_text()  # the ViT step, tiny here
     repro = (out / "reproduce" / "reproduce.md").read_text()
     assert "| 100 | CE (ERM) |" in repro and "| 100 | LDAM-DRW |" in repro
     rows = summary["reproduce_rows"]
@@ -76,7 +77,7 @@ def test_a_tiny_deadline_skips_the_later_steps_and_still_writes_the_summary(tmp_
 def test_the_reproduction_runs_the_most_informative_rows_first_and_every_row_of_the_table():
     from ltbench.reproduce import load_table
 
-    rows = [r.strategy for r in load_table(device_check.TABLE).rows]
+    rows = [r.name for r in load_table(device_check.TABLE).rows]
     assert sorted(device_check.PRIORITY) == sorted(rows)
     assert device_check.PRIORITY[:5] == ["ce", "ldam_drw", "logit_adjust", "balanced_softmax", "crt"]
 

@@ -156,3 +156,36 @@ def normalize(x: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) ->
     m, s = _mean_std(mean, std, x.device)
     out = (x.float().div_(255.0) - m) / s
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def resize_short(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Float NCHW batch with its short side resized to ``size``, the long side ``int(size * long / short)``
+    (torchvision ``Resize(size)``'s output size), with the antialiased (PIL-matching) kernels, torchvision's default."""
+    h, w = x.shape[-2:]
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if new == (h, w):
+        return x
+    align = None if mode == "nearest" else False
+    return F.interpolate(x, size=new, mode=mode, align_corners=align, antialias=mode != "nearest")
+
+
+def five_crops(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """torchvision ``FiveCrop(size)`` of a batch, in its order: top-left, top-right, bottom-left, bottom-right,
+    centre (centre offsets ``int(round((h - size) / 2))``, as ``center_crop``)."""
+    h, w = x.shape[-2:]
+    if size > h or size > w:
+        raise ValueError(f"a crop of {size} does not fit images of {h} x {w}")
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    boxes = ((0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left))
+    return [x[..., i : i + size, j : j + size] for i, j in boxes]
+
+
+def tte_views(x: torch.Tensor, size: int, expand: int, mode: str) -> list[torch.Tensor]:
+    """The test-time-ensemble views of LIFT (shijxcs/LIFT trainer.py ``build_data_loader``, ``tte_mode``):
+    ``Resize(size + expand)`` (bilinear, torchvision's default) then ``FiveCrop(size)`` (``fivecrop``) or
+    ``TenCrop(size)`` (``tencrop``: the five crops, then the five of the horizontally flipped image)."""
+    big = resize_short(x.float(), size + expand, "bilinear")
+    views = five_crops(big, size)
+    if mode == "tencrop":
+        views += five_crops(big.flip(-1), size)
+    return views

@@ -21,6 +21,8 @@ commands:
   report [DIR]        comparison tables and plots of every run under DIR (default: results)
   strategies          list the strategy presets with their one-line description and reference
   reproduce TABLE     re-run a published table with its recipe and compare (--list: the tables; --help)
+  data inat18-lists TRAIN_JSON [VAL_JSON] --out DIR
+                      the iNaturalist 2018 lists (classifier-balancing's gen_lists.py) from the official json
 
 examples:
   ltbench train dataset=cifar10lt strategy=focal
@@ -269,6 +271,55 @@ def _strategies(argv: list[str]) -> None:
     Console().print(t)
 
 
+def _data(argv: list[str]) -> None:
+    """``ltbench data <what>``: dataset preparation; argparse's usage errors exit 2 as ours do."""
+    p = argparse.ArgumentParser(prog="ltbench data", description="Prepare a dataset's files.")
+    sub = p.add_subparsers(dest="what", required=True, metavar="{inat18-lists}")
+    q = sub.add_parser(
+        "inat18-lists",
+        help="the iNaturalist 2018 lists from the official json files",
+        description="Write iNaturalist18_train.txt and iNaturalist18_val.txt (`file_name category_id` per image, in "
+        "the json's image order: facebookresearch/classifier-balancing's data/iNaturalist18/gen_lists.py) and "
+        "iNaturalist18_categories.json (the official category names) into --out; then `ltbench train "
+        "dataset=inat18 dataset.root=<folder holding train_val2018/> dataset.split_dir=<out>`.",
+    )
+    q.add_argument("train_json", type=Path, help="the official train2018.json")
+    q.add_argument("val_json", type=Path, nargs="?", help="the official val2018.json (the benchmark's test list)")
+    q.add_argument("--out", type=Path, required=True, help="folder for the lists")
+    args = p.parse_args(argv)
+    for name, n in _inat18_lists(args.train_json, args.val_json, args.out).items():
+        print(f"{name}: {n:,} images")
+
+
+def _inat18_lists(train_json: Path, val_json: Path | None, out: Path) -> dict[str, int]:
+    """``write_lists`` with every failure as one line, exit 2: a missing file, a file that is not an official
+    iNaturalist json (named), an image without exactly one annotation, an unwritable ``out``."""
+    from ltbench.data.inat import json_to_list, write_lists
+    from ltbench.errors import DataError
+
+    files = [f for f in (train_json, val_json) if f is not None]
+    for f in files:
+        if not f.is_file():
+            _error(f"{f}: no such file")
+    malformed = (KeyError, TypeError, AttributeError, ValueError, IndexError)
+    try:
+        return write_lists(train_json, val_json, out)
+    except DataError as e:
+        _error(str(e))
+    except malformed as e:
+        bad = []
+        for f in files:  # which file: parse each again (the error path only)
+            try:
+                json_to_list(f)
+            except (DataError, *malformed):
+                bad.append(str(f))
+        _error(f"{' / '.join(bad) or train_json}: not an iNaturalist json in the official format "
+               f"({type(e).__name__}: {e})")  # fmt: skip
+    except OSError as e:
+        _error(f"cannot write the lists into {out}: {e}")
+    raise AssertionError("unreachable")
+
+
 def _csv(kind):
     def parse(text: str) -> list:
         try:
@@ -464,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "reproduce":
         _load_components()
         _reproduce(rest)
+    elif cmd == "data":
+        _data(rest)
     else:
         _error(f"unknown command {cmd!r}; see `ltbench --help`")
 

@@ -557,7 +557,7 @@ def _last_epoch(d: dict[str, Any], metric: str) -> float | None:
 def _cost(recs: list[dict[str, Any]]) -> dict[str, Any]:
     """What a line's runs cost (metrics.json ``cost``): image-steps per run (mean), the trainable parameters of the
     stage that trains most, and the sums over the runs of training seconds and GPU-hours."""
-    costs = [d.get("cost") if isinstance(d.get("cost"), dict) else {} for d in recs]
+    costs: list[dict[str, Any]] = [c if isinstance(c := d.get("cost"), dict) else {} for d in recs]
     steps = [float(c.get("image_steps_total") or 0) for c in costs]
     trainable = [max((v for v in (c.get("trainable_parameters") or {}).values() if isinstance(v, (int, float))),
                      default=0) for c in costs]  # fmt: skip

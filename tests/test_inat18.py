@@ -88,6 +88,65 @@ def test_script_writes_the_lists(inat_tree, tmp_path, capsys):
     assert json.loads((tmp_path / CATEGORIES).read_text())[0]["name"] == "Species 0"
 
 
+def test_data_subcommand_writes_the_lists(inat_tree, tmp_path, capsys):
+    from ltbench.cli import main
+
+    main(["data", "inat18-lists", str(inat_tree / "train2018.json"), str(inat_tree / "val2018.json"), "--out",
+          str(tmp_path / "lists")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"{TRAIN_LIST}: 52 images" in out and f"{TEST_LIST}: 15 images" in out
+    for name in (TRAIN_LIST, TEST_LIST, CATEGORIES):
+        assert (tmp_path / "lists" / name).read_text() == (inat_tree / name).read_text()
+
+
+def _malformed(tmp_path: Path, inat_tree: Path) -> dict[str, Path]:
+    data = json.loads((inat_tree / "train2018.json").read_text())
+    cases = {"not json": "{images: [", "no images": json.dumps({"annotations": []}), "a list": "[1, 2]",
+             "image without id": json.dumps({**data, "images": [{"file_name": "a.jpg"}]}),
+             "annotation without image_id": json.dumps({**data, "annotations": [{"category_id": 1}]}),
+             "category without name": json.dumps({**data, "categories": [{"id": 3}]})}  # fmt: skip
+    files = {}
+    for i, (name, text) in enumerate(cases.items()):
+        files[name] = tmp_path / f"bad{i}.json"
+        files[name].write_text(text)
+    return files
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "no images", "a list", "image without id",
+                                  "annotation without image_id", "category without name", "two annotations",
+                                  "out is a file"])  # fmt: skip
+def test_data_subcommand_errors_are_one_line_exit_2(case, inat_tree, tmp_path, capsys):
+    from ltbench.cli import main
+
+    train, val, out = inat_tree / "train2018.json", inat_tree / "val2018.json", tmp_path / "out"
+    if case == "missing":
+        val = tmp_path / "nowhere.json"
+    elif case == "two annotations":
+        data = json.loads(train.read_text())
+        data["annotations"].append(dict(data["annotations"][0], id=1))
+        train = tmp_path / "twice.json"
+        train.write_text(json.dumps(data))
+    elif case == "out is a file":
+        out.write_text("")
+    else:
+        val = _malformed(tmp_path, inat_tree)[case]
+    with pytest.raises(SystemExit) as e:
+        main(["data", "inat18-lists", str(train), str(val), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    named = {"missing": str(val), "two annotations": "has 2 annotations", "out is a file": "cannot write"}
+    assert named.get(case, str(val)) in err.replace("\n", "")
+
+
+def test_data_subcommand_usage_errors_exit_2(capsys):
+    from ltbench.cli import main
+
+    for argv in (["data"], ["data", "inat18-lists", "train2018.json"], ["data", "imagenet-lists", "x", "--out", "o"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+
 def test_dataset_from_the_lists_trains_on_every_listed_image(inat_tree):
     d = build_dataset(cfg(inat_tree))
     assert d.kind == "files" and d.class_counts == COUNTS and len(d.test_y) == 15 and len(d.val_y) == 0

@@ -107,8 +107,12 @@ def decode_pil(path: Path, side: int, mode: str) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def _decode_one(args: tuple[str, int, str]) -> np.ndarray:
+def _one_thread() -> None:
+    """A decoding worker uses one thread (the pool's initializer: never the training process's setting)."""
     torch.set_num_threads(1)
+
+
+def _decode_one(args: tuple[str, int, str]) -> np.ndarray:
     path, side, mode = args
     try:
         return decode_pil(Path(path), side, mode)
@@ -203,7 +207,7 @@ def _write_shards(out: Path, files: list[Path], side: int, mode: str, decoder: s
     if workers > 0 and decoder == "pil" and todo:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_one_thread)
     try:
         for s in todo:
             chunk = files[s * per_shard : (s + 1) * per_shard]

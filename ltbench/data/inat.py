@@ -57,18 +57,22 @@ def json_to_list(json_path: str | Path) -> tuple[SplitList, list[dict]]:
         images, annotations = data["images"], data["annotations"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: not an iNaturalist json with images and annotations ({e})") from None
-    by_image: dict[int, list[int]] = {}
-    for a in annotations:
-        by_image.setdefault(a["image_id"], []).append(int(a["category_id"]))
-    paths, labels = [], []
-    for img in images:
-        cats = by_image.get(img["id"], [])
-        if len(cats) != 1:
-            raise DataError(f"{path}: image {img['id']} ({img['file_name']}) has {len(cats)} annotations, expected 1")
-        paths.append(img["file_name"])
-        labels.append(cats[0])
-    cats = sorted(({"id": int(c["id"]), "name": c["name"], "supercategory": c.get("supercategory", "")}
-                   for c in data.get("categories", [])), key=lambda c: c["id"])  # fmt: skip
+    try:
+        by_image: dict[int, list[int]] = {}
+        for a in annotations:
+            by_image.setdefault(a["image_id"], []).append(int(a["category_id"]))
+        paths, labels = [], []
+        for img in images:
+            found = by_image.get(img["id"], [])
+            if len(found) != 1:
+                raise DataError(f"{path}: image {img['id']} ({img['file_name']}) has {len(found)} annotations, "
+                                "expected 1")  # fmt: skip
+            paths.append(img["file_name"])
+            labels.append(found[0])
+        cats = sorted(({"id": int(c["id"]), "name": c["name"], "supercategory": c.get("supercategory", "")}
+                       for c in data.get("categories", [])), key=lambda c: c["id"])  # fmt: skip
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DataError(f"{path}: not an iNaturalist json in the official format ({type(e).__name__}: {e})") from None
     return SplitList(paths, np.asarray(labels, dtype=np.int64)), cats
 
 

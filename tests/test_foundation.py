@@ -194,6 +194,37 @@ def test_text_initialised_head_is_the_prompt_features_of_the_class_names(tiny_cl
     assert torch.all(net.head.bias == 0)
 
 
+def test_lifts_pre_projection_features_and_head_init(tiny_clip_arch, clip_file, tmp_path, monkeypatch):
+    """model.feature=pre_proj is LIFT's classifier space (shijxcs/LIFT trainer.py init_head_text_feat and the image
+    encoder without ``proj``): features = ln_post(class token), the head starts from normalize(normalize(text) @
+    proj.T), and the logits are head_scale x cosine."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from ltbench.models.classnames import CIFAR10
+
+    monkeypatch.setenv("LTBENCH_CACHE", str(tmp_path))
+    path, clip = clip_file
+    data = SimpleNamespace(name="cifar10lt", class_counts=[5] * 10, mean=DATA.mean, std=DATA.std)
+    net = build_foundation(FoundationConfig(arch=tiny_clip_arch, pretrained=str(path), head_init="text",
+                                            feature="pre_proj", head_scale=25.0), 10, data)  # fmt: skip
+    tok = open_clip.get_tokenizer("ltbench_tiny_clip")([f"a photo of a {n}." for n in CIFAR10])
+    proj = clip.visual.proj.detach()
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(tok), dim=-1)
+        want_w = F.normalize(text @ proj.t(), dim=-1)  # LIFT: text_features @ image_encoder.proj.t(), normalised
+        x = torch.randn(3, 3, 32, 32)
+        visual = clip.visual.eval()
+        feats = net.eval().features(x)
+        logits = net(x)
+    assert feats.shape == (3, proj.shape[0]) and net.feature_dim == proj.shape[0]
+    assert torch.allclose(net.head.weight.t(), want_w, atol=1e-5)
+    assert torch.allclose(feats @ proj, visual(net.prepare(x)), atol=1e-4)  # CLIP's embedding = features @ proj
+    assert torch.allclose(logits, 25.0 * F.normalize(feats, dim=-1) @ want_w.t(), atol=1e-4)
+    with pytest.raises(ConfigError, match=r"model\.feature=pre_proj drops CLIP.s image projection"):
+        TimmConfig(feature="pre_proj")
+
+
 # ---------------------------------------------------------------------------------------- gradient accumulation
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger("ltbench")
 
 LIBRARIES = ("open_clip", "timm")
 HEAD_INITS = ("random", "text")
+FEATURES = ("proj", "pre_proj")  # CLIP: the head reads the projected embedding, or the tower's width before it (LIFT)
 
 
 @dataclass
@@ -57,7 +58,11 @@ class FoundationConfig(NetConfig):
     or the timm model name; ``arch_kwargs``: more keyword arguments of the timm model (``img_size``, ``depth``...).
     ``pretrained``: ``none`` | a tag | a local file; ``pretrained_tag``: the tag a local file holds.
     ``head_init``: ``random`` | ``text`` (CLIP only: the class-name prompt features of ``templates``);
-    ``head_scale``: logits multiplied by it (LIFT's cosine classifier: 25). ``grad_checkpoint``: activation
+    ``head_scale``: logits multiplied by it (LIFT's cosine classifier: 25). ``feature`` (CLIP): ``proj``, the head
+    reads the projected image embedding (the text features' space: a text-initialised head is CLIP's zero-shot
+    classifier), or ``pre_proj``, the class token after ``ln_post`` (the tower's width, 768 for ViT-B/16), as LIFT's
+    classifier does, a text-initialised head then starting from ``normalize(text @ proj.T)`` (LIFT trainer.py
+    ``init_head_text_feat``): the same numerator, other norms. ``grad_checkpoint``: activation
     checkpointing of the tower's blocks (same numbers, less memory). ``cache_dir``: the libraries' download cache.
     """
 
@@ -71,12 +76,17 @@ class FoundationConfig(NetConfig):
     pretrained_tag: str | None = None
     peft: PeftConfig = field(default_factory=PeftConfig)
     head_init: str = "random"
+    feature: str = "proj"
     head_scale: float = 1.0
     templates: str = "default"
     grad_checkpoint: bool = runtime(False)
     cache_dir: str | None = runtime(None)
 
     def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ConfigError(f"model.feature must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        if self.feature == "pre_proj" and self.library != "open_clip":
+            raise ConfigError(f"model.feature=pre_proj drops CLIP's image projection; model={self.name} has none")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"model.head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.head_init == "text" and self.library != "open_clip":
@@ -368,12 +378,17 @@ def build_foundation(cfg: FoundationConfig, out_dim: int, data: Any = None) -> F
         raise ConfigError(f"model={cfg.name} reads normalised images with the dataset's mean/std")
     path, tag = _weights_file(cfg)
     text: ClipText | None = None
+    proj: torch.Tensor | None = None
     if cfg.library == "open_clip":
         import open_clip
 
         clip, prep = _build_open_clip(cfg, path)
         visual: Any = clip.visual
         dim = int(visual.output_dim)
+        if cfg.feature == "pre_proj":  # LIFT: the features before the projection, which is kept for the text init
+            proj = visual.proj.detach().clone()  # width x joint dim
+            visual.proj = None
+            dim = int(proj.shape[0])
         clip.visual = nn.Identity()  # the text side keeps no second reference to the trained tower
         text = ClipText(clip, open_clip.get_tokenizer(_register_arch(cfg.arch)))
     else:
@@ -382,6 +397,8 @@ def build_foundation(cfg: FoundationConfig, out_dim: int, data: Any = None) -> F
     if cfg.grad_checkpoint:
         visual.set_grad_checkpointing(True)
     net = FoundationNet(visual, dim, out_dim, cfg.head, prep, (data.mean, data.std), cfg.head_scale, text)
+    if proj is not None:
+        net.register_buffer("text_to_feature", proj.t().contiguous(), persistent=False)  # joint dim -> width
     net.trainable_tower = apply_peft(net.visual, cfg.peft, num_classes=out_dim)
     arch = cfg.arch if not cfg.arch.endswith(".json") else Path(cfg.arch).stem
     net.weights = {"library": cfg.library, "arch": arch, "tag": tag, "file": path,
@@ -400,7 +417,10 @@ def init_head_from_text(net: FoundationNet, cfg: FoundationConfig, data: Any) ->
     if cfg.templates not in TEMPLATES:
         raise ConfigError(f"model.templates={cfg.templates!r}; choose one of {', '.join(TEMPLATES)}")
     names = class_names(getattr(data, "dataset_cfg", None), data)
-    w = text_weights(net, names, TEMPLATES[cfg.templates]).float()  # C x D
+    w = text_weights(net, names, TEMPLATES[cfg.templates]).float()  # C x D (the joint space, L2-normalised)
+    to_feature = getattr(net, "text_to_feature", None)
+    if isinstance(to_feature, torch.Tensor):  # feature=pre_proj: into the tower's space, as LIFT
+        w = F.normalize(w @ to_feature.to(w), dim=-1)
     head = net.head
     with torch.no_grad():
         if isinstance(head, nn.Linear):

@@ -364,3 +364,35 @@ def test_a_missing_library_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
     with pytest.raises(ConfigError, match=r"model=clip_vit_b16 needs open_clip: pip install 'ltbench\[foundation\]'"):
         FoundationConfig().check(None)
+
+
+@pytest.mark.parametrize("preset", ["lift", "clip_linear", "clip_full"])
+def test_every_fine_tuning_preset_trains_and_resumes_inside_its_stage_to_identical_numbers(
+    preset, tiny_clip_arch, clip_file, compose_cfg, cifar10_root, tmp_path, monkeypatch
+):
+    """The CIFAR-100 presets of LIFT and its baselines, on a tiny random CLIP saved as a local file and tiny
+    CIFAR-10 data: 2 epochs trained straight, and the same run interrupted in epoch 2 and resumed."""
+    from conftest import interrupt_at
+
+    from ltbench.config import to_schema
+    from ltbench.runner import run
+
+    monkeypatch.setenv("LTBENCH_CACHE", str(tmp_path / "cache"))
+    path, _ = clip_file
+
+    def cfg(results):
+        return to_schema(compose_cfg(
+            f"experiment={preset}_cifar100", "dataset=cifar10lt", f"model.arch={tiny_clip_arch}",
+            f"model.pretrained={path}", "schedule.epochs=2", "schedule.batch_size=32", "schedule.eval_batch_size=64",
+            *tiny_cifar(cifar10_root), f"results_dir={results}",
+        ))  # fmt: skip
+
+    full = run(cfg(tmp_path / "a"), tmp_path / "full")
+    interrupt_at(monkeypatch, lambda: run(cfg(tmp_path / "b"), tmp_path / "cut"), at=2, stage="train")
+    resumed = run(compose_cfg(f"resume={tmp_path / 'cut'}"), None)
+    assert resumed["per_class_acc"] == full["per_class_acc"] and resumed["top1"] == full["top1"]
+    trainable = full["cost"]["trainable_parameters"]["train"]
+    if preset == "clip_linear":
+        assert trainable == 32 * 10  # the cosine head on the 32-d pre-projection features, nothing of the tower
+    else:
+        assert trainable > 32 * 10

@@ -396,3 +396,25 @@ def test_every_fine_tuning_preset_trains_and_resumes_inside_its_stage_to_identic
         assert trainable == 32 * 10  # the cosine head on the 32-d pre-projection features, nothing of the tower
     else:
         assert trainable > 32 * 10
+
+
+def test_every_peft_kind_trains_end_to_end_and_records_what_it_trained(tiny_clip_arch, clip_file, compose_cfg,
+                                                                      cifar10_root, tmp_path, monkeypatch):  # fmt: skip
+    """One epoch of LIFT's recipe with each PEFT kind through run(): the record counts the kind's own parameters
+    (ltbench.models.peft) plus the head, and the tower's other weights are the file's."""
+    from ltbench.config import to_schema
+    from ltbench.runner import run
+
+    monkeypatch.setenv("LTBENCH_CACHE", str(tmp_path / "cache"))
+    path, _ = clip_file
+    for kind in ("bitfit", "ln", "vpt_shallow", "vpt_deep", "adapter", "lora", "ssf"):
+        cfg = to_schema(compose_cfg(
+            "experiment=lift_cifar100", "dataset=cifar10lt", f"model.arch={tiny_clip_arch}", f"model.pretrained={path}",
+            f"model.peft.kind={kind}", "schedule.epochs=1", "schedule.batch_size=64", "schedule.eval_batch_size=64",
+            *tiny_cifar(cifar10_root), f"results_dir={tmp_path / kind}",
+        ))  # fmt: skip
+        m = run(cfg, tmp_path / kind / "run")
+        net = build_foundation(FoundationConfig(arch=tiny_clip_arch, feature="pre_proj", peft=PeftConfig(kind=kind)),
+                               10, DATA)  # fmt: skip
+        own = sum(p.numel() for n, p in net.named_parameters() if p.requires_grad)  # the kind's modules + the head
+        assert m["status"] == "completed" and m["cost"]["trainable_parameters"]["train"] == own, kind

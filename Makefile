@@ -46,7 +46,8 @@ reproduce: install ## re-run a published table (TABLE=cifar10lt_ldam; REPRODUCE_
 
 # the folder holding cifar-10-batches-py/ (ltbench's default data root unless LTBENCH_DATA is set)
 LTBENCH_DATA ?= data
-DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 hydra-joblib-launcher==1.2.0
+DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 hydra-joblib-launcher==1.2.0 \
+	open_clip_torch==3.3.0 timm==1.0.31 ftfy==6.3.1 wcwidth==0.2.13  # pure-Python wheels only (any device Python)
 device-prep: install ## what a GPU machine's device check needs carried: CIFAR-10-LT packed (.device_data/), wheels (.whl/)
 	test -f .device_data/pack/meta.json || $(PY) scripts/pack_cifar_lt.py pack --root $(LTBENCH_DATA) --ratio 100 --out .device_data/pack
 	$(PY) -m pip wheel -q --no-deps -w .whl $(DEVICE_WHEELS)

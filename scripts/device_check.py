@@ -16,6 +16,9 @@ rest), everything written under ``--out``:
 2b. ``foundation``: ``scripts/bench_foundation.py`` (CLIP ViT-B/16 at batch 128 in bf16, AdaptFormer and full
    fine-tuning, gradient checkpointing off / on: images/s and peak memory against a 20 GB budget; 8 % of
    ``--minutes``) -> ``OUT/bench/foundation.{md,json}``.
+2c. ``loading``: ``scripts/bench_loading.py`` (2,048 generated JPEGs: GPU decoding into the decoded cache, then the
+   cached pipeline feeding a ResNet-50 and a ViT-B/16 step, data wait vs step; 15 % of ``--minutes``) ->
+   ``OUT/bench/loading_{resnet50,vit_b_16}/loading.{md,json}``.
 3. ``reproduce``: 200-epoch CIFAR-10-LT ratio-100 runs of ``ltbench reproduce cifar10lt_ldam --seeds 0``, packed
    (``--jobs N``: the best N of step 2, else 8; ``compile=reduce-overhead``), most informative rows first
    (:data:`PRIORITY`), in waves of N rows. At the deadline the runs get SIGTERM and stop at their last epoch's
@@ -55,10 +58,11 @@ TABLE = "cifar10lt_ldam"
 # loss-side corrections, the decoupled classifier; then the rest of the table.
 PRIORITY = ["ce", "ldam_drw", "logit_adjust", "balanced_softmax", "crt", "ce_drw", "ldam", "focal", "cb_sigmoid_focal",
             "tau_norm", "lws", "posthoc_la", "mislas", "glmc", "glmc_r10"]  # fmt: skip
-STEPS = ("data", "throughput", "packing", "foundation", "reproduce", "environment")
+STEPS = ("data", "throughput", "packing", "foundation", "loading", "reproduce", "environment")
 SKIPPED_DEADLINE = "skipped, deadline"
 BENCH_SHARE = 0.15  # of the deadline, the box of each benchmark step (1 and 2); the reproduction has the rest
 FOUNDATION_SHARE = 0.08  # of the deadline, the box of the foundation-model step (2b): 43 s of 9 minutes
+LOADING_SHARE = 0.15  # of the deadline, the box of the image-pipeline step (2c), both models: 81 s of 9 minutes
 
 
 @dataclass
@@ -203,6 +207,18 @@ def foundation_cmd(args: argparse.Namespace, out: Path, data: Path | None) -> li
         return [*cmd, "--quick", "--device", "cpu"]
     return [*cmd, "--device", "cuda", "--kinds", "adaptformer,full", "--batch-size", "128", "--steps", "3",
             "--windows", "2", "--warmup", "1"]  # fmt: skip
+
+
+def loading_cmd(args: argparse.Namespace, out: Path, data: Path | None) -> list[str]:
+    """Issue 19's GPU figures: the cached pipeline feeding a ResNet-50 and a ViT-B/16 step (data wait vs step)."""
+    base = [sys.executable, str(SCRIPTS / "bench_loading.py"), "--cached", "--no-loader"]
+    if args.dry_run:
+        return [*base, "--images", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--steps", "2",
+                "--repeats", "1", "--out", str(out / "bench" / "loading")]  # fmt: skip
+    cmds = [shlex.join([*base, "--images", "2048", "--batch-size", "256", "--workers", "8", "--device", "cuda",
+                        "--decoder", "cuda", "--model", m, "--steps", "10", "--repeats", "2",
+                        "--out", str(out / "bench" / f"loading_{m}")]) for m in ("resnet50", "vit_b_16")]  # fmt: skip
+    return ["bash", "-c", " ; ".join(cmds)]
 
 
 def best_jobs(out: Path, dry_run: bool) -> tuple[int, str]:
@@ -408,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict:
     plans = (("throughput", throughput_cmd, box, ["bench/throughput.md", "bench/throughput.json"], True),
              ("packing", packing_cmd, box, ["bench/packing.md", "bench/packing.json"], True),
              ("foundation", foundation_cmd, FOUNDATION_SHARE * args.minutes * 60.0,
-              ["bench/foundation.md", "bench/foundation.json"], False))  # fmt: skip
+              ["bench/foundation.md", "bench/foundation.json"], False),
+             ("loading", loading_cmd, LOADING_SHARE * args.minutes * 60.0,
+              ["bench/loading_resnet50/loading.md", "bench/loading_vit_b_16/loading.md"], False))  # fmt: skip
     for name, make, box, outputs, needs_data in plans:
         s = steps[name]
         s.outputs = outputs

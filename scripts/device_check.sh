@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check of issue 22 on a GPU machine that has PyTorch but not ltbench's other dependencies, and no
-# internet: install the carried wheels (.whl/: hydra-core, omegaconf, antlr4, hydra-joblib-launcher; `make
+# internet: install the carried wheels (.whl/: hydra-core, omegaconf, antlr4, hydra-joblib-launcher, and for the
+# foundation step open_clip, timm, ftfy, wcwidth; `make
 # device-prep` downloads them) and ltbench itself (editable, offline), then run scripts/device_check.py with the
 # arguments given, e.g.
 #

@@ -41,6 +41,7 @@ def test_dry_run_writes_every_table_and_a_summary_of_every_step_then_resumes(tmp
     assert "| bare eager step |" in (out / "bench" / "throughput.md").read_text()
     assert [r["jobs"] for r in json.loads((out / "bench" / "packing.json").read_text())["rows"]] == [1, 2]
     assert "| adaptformer | True | 1 |" in (out / "bench" / "foundation.md").read_text()  # the ViT step, tiny here
+    assert (out / "bench" / "loading" / "loading.md").exists()  # the image pipeline, tiny here
     repro = (out / "reproduce" / "reproduce.md").read_text()
     assert "| 100 | CE (ERM) |" in repro and "| 100 | LDAM-DRW |" in repro
     rows = summary["reproduce_rows"]

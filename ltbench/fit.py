@@ -178,11 +178,12 @@ def epoch_row(tr: Trainer, ep: Epoch) -> dict[str, Any]:
 
 
 class TestTimeEnsemble(nn.Module):
-    __test__ = False  # not a pytest class
     """Test-time ensembling (``tte=fivecrop|tencrop``, LIFT's ``tte``): ``forward(x)`` is the mean of the model's
     outputs over the views of :func:`ltbench.data.augment.tte_views` of ``x`` (the images as the feed gives them);
     the crop size is the model's ``image_size`` if it has one, else the input's short side. Any image model can use
     it; it changes evaluation only. ``features`` are the model's own (no ensembling)."""
+
+    __test__ = False  # not a pytest class
 
     def __init__(self, model: nn.Module, mode: str, expand: int) -> None:
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -151,3 +152,20 @@ def _no_results_left_in_the_checkout():
     yield
     if not before and cache.exists():
         raise AssertionError(f"a test left {cache} in the checkout: give its runs results_dir=<tmp_path>")
+
+
+# A tiny open_clip CLIP (random weights) for the foundation-model tests: ``model.arch=<path>.json`` registers it under
+# the file's stem.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_arch(tmp_path_factory):
+    """The path of the tiny open_clip model config (``model.arch=<path>.json``, registered as ltbench_tiny_clip)."""
+    path = tmp_path_factory.mktemp("clip") / "ltbench_tiny_clip.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return str(path)

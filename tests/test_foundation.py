@@ -28,11 +28,6 @@ from ltbench.tasks.classification import Classification, ClassificationConfig
 
 load_components()
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
 TIMM_KW = {"img_size": 32, "depth": 1}
 DATA = SimpleNamespace(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))  # a dataset's normalisation
 
@@ -44,14 +39,6 @@ def compose_cfg():
 
     with initialize_config_module("ltbench.conf", version_base="1.3"):
         yield lambda *o: compose("train", overrides=["progress=false", "device=cpu", *o])
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_arch(tmp_path_factory):
-    """The path of a tiny open_clip model config (``model.arch=<path>.json``)."""
-    path = tmp_path_factory.mktemp("clip") / "ltbench_tiny_clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -20,27 +20,15 @@ from ltbench.errors import ConfigError
 from ltbench.models.classnames import class_names, read_list
 from ltbench.models.text_head import TEMPLATES, cache_key, encode_names, text_weights, zero_shot_logits
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-}
 DATA = SimpleNamespace(mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), name="cifar10lt", class_counts=[1] * 10)
 
 
 @pytest.fixture(scope="module")
-def tiny_arch(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "ltbench_text_tiny_clip.json"
-    path.write_text(json.dumps(TINY_CLIP))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def net(tiny_arch):
+def net(tiny_clip_arch):
     from ltbench.models.foundation import FoundationConfig, build_foundation
 
     torch.manual_seed(0)
-    return build_foundation(FoundationConfig(arch=tiny_arch, head_init="random"), 10, DATA)
+    return build_foundation(FoundationConfig(arch=tiny_clip_arch, head_init="random"), 10, DATA)
 
 
 # ---------------------------------------------------------------- the reference, transcribed (shijxcs/LIFT)
@@ -170,15 +158,15 @@ def test_cache_is_keyed_by_names_templates_and_weights(net, tmp_path, monkeypatc
     assert len(list(tmp_path.glob("*.pt"))) == 3
 
 
-def test_zero_shot_accuracy_equals_open_clips_helper(tiny_arch):
+def test_zero_shot_accuracy_equals_open_clips_helper(tiny_clip_arch):
     """ltbench's zero-shot logits vs open_clip.zero_shot_classifier on the same random tiny CLIP and images."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     from ltbench.models.foundation import _register_arch
 
     torch.manual_seed(1)
-    clip = open_clip.create_model(_register_arch(tiny_arch)).eval()
-    tok = open_clip.get_tokenizer(_register_arch(tiny_arch))
+    clip = open_clip.create_model(_register_arch(tiny_clip_arch)).eval()
+    tok = open_clip.get_tokenizer(_register_arch(tiny_clip_arch))
     names = read_list("cifar10")
     tmpl = [lambda c, t=t: t.format(c) for t in TEMPLATES["ensemble"][:8]]
     with torch.no_grad():
@@ -192,7 +180,7 @@ def test_zero_shot_accuracy_equals_open_clips_helper(tiny_arch):
     assert torch.equal(zero_shot_logits(img, ours).argmax(1), ref_pred)
 
 
-def test_zero_shot_clip_run_trains_nothing(tiny_arch, cifar10_root, tmp_path, monkeypatch):
+def test_zero_shot_clip_run_trains_nothing(tiny_clip_arch, cifar10_root, tmp_path, monkeypatch):
     monkeypatch.setenv("LTBENCH_CACHE", str(tmp_path / "cache"))
     from hydra import compose, initialize_config_module
 
@@ -201,8 +189,8 @@ def test_zero_shot_clip_run_trains_nothing(tiny_arch, cifar10_root, tmp_path, mo
     with initialize_config_module("ltbench.conf", version_base="1.3"):
         cfg = compose("train", overrides=[
             "experiment=clip_zeroshot_cifar100", "dataset=cifar10lt", "progress=false", "device=cpu",
-            f"model.arch={tiny_arch}", "model.pretrained=none", *tiny_cifar(cifar10_root), f"results_dir={tmp_path}",
-            "schedule.eval_batch_size=64",
+            f"model.arch={tiny_clip_arch}", "model.pretrained=none", *tiny_cifar(cifar10_root),
+            f"results_dir={tmp_path}", "schedule.eval_batch_size=64",
         ])  # fmt: skip
     from ltbench.config import to_schema
 
@@ -213,14 +201,14 @@ def test_zero_shot_clip_run_trains_nothing(tiny_arch, cifar10_root, tmp_path, mo
     assert set(saved["cost"]["trainable_parameters"].values()) == {0}
 
 
-def test_text_initialised_foundation_net_predicts_as_open_clips_zero_shot(tiny_arch):
+def test_text_initialised_foundation_net_predicts_as_open_clips_zero_shot(tiny_clip_arch):
     """model head_init=text: the FoundationNet's predictions are open_clip's zero-shot predictions."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     from ltbench.models.foundation import FoundationConfig, build_foundation
 
     torch.manual_seed(2)
-    net = build_foundation(FoundationConfig(arch=tiny_arch, head_init="text", head_scale=25.0), 10, DATA).eval()
+    net = build_foundation(FoundationConfig(arch=tiny_clip_arch, head_init="text", head_scale=25.0), 10, DATA).eval()
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
         ref_w = build_zero_shot_classifier(net.text.clip, net.text.tokenizer, read_list("cifar10"),

@@ -664,10 +664,11 @@ def _meta(jobs: list[Job]) -> dict[str, Any]:
     recs = [d for j in jobs for d, reason in [read_record(j.run_dir)] if reason is None and d]
     epochs: list[int] | list[str] = sorted({int(d.get("epochs_completed", 0)) for d in recs}) or ["—"]
     devices = sorted({str(d.get("device", "?")) for d in recs}) or ["—"]
+    cost = _cost(recs)  # the table's sums
     return {"epochs": ", ".join(map(str, epochs)), "device": ", ".join(devices), "runs": f"{len(recs)}/{len(jobs)}",
             "wall_s": sum(float(d.get("wall_time_s") or 0) for d in recs), "version": ltbench.__version__,
-            "git": _revision(git_revision()), **{k: v for k, v in _cost(recs).items() if k != "image_steps"},
-            "image_steps": _cost(recs)["image_steps_sum"]}  # fmt: skip
+            "git": _revision(git_revision()), "image_steps": cost["image_steps_sum"],
+            "train_seconds": cost["train_seconds"], "gpu_hours": cost["gpu_hours"]}  # fmt: skip
 
 
 def _revision(g: dict[str, Any]) -> str:

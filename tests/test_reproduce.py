@@ -124,7 +124,7 @@ def test_every_row_of_every_table_composes_with_its_overrides(tmp_path):
 
 def test_the_plan_shares_stage_1_among_decoupled_rows_and_fixes_run_directories(tmp_path):
     jobs = plan(load_table("cifar10lt_ldam"), tmp_path, ["experiment=smoke"], seeds=[0, 1], ratios=[100])
-    assert len(jobs) == 14 * 2 and len({j.run_dir for j in jobs}) == len(jobs)
+    assert len(jobs) == 15 * 2 and len({j.run_dir for j in jobs}) == len(jobs)
     by = {(j.row.strategy, j.seed): j for j in jobs}
     assert by["crt", 0].group == by["lws", 0].group and by["crt", 0].group != by["crt", 1].group
     # tau_norm / posthoc_la select on validation: their training subset gives validation images, another stage 1

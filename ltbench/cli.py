@@ -99,7 +99,7 @@ def _run_hydra_app(app) -> None:
     except LtbenchError as e:  # a job of a sweep (the others have run)
         _error(str(e), e.exit_code)
     except Exception as e:
-        line = hydra_error_line(e)
+        line = hydra_error_line(e) or off_group_line(e, sys.argv[1:])
         if line is not None:
             _error(line, ConfigError.exit_code)
         if isinstance(e, OSError):
@@ -175,6 +175,51 @@ def hydra_error_line(e: BaseException) -> str | None:
     if cause is not e:
         text += ": " + str(getattr(cause, "msg", cause)).splitlines()[0]
     return text
+
+
+OFF_ROOT = "Unexpected type for root: NoneType"  # OmegaConf.update's bare assertion under a null node
+
+
+def off_group_line(e: BaseException, argv: list[str]) -> str | None:
+    """The one line for ``semi.threshold=0.1`` when no ``semi=`` is chosen: OmegaConf meets the group's null (an
+    optional stage that is off) and fails a bare assertion, naming no key. None for any other error."""
+    if not (isinstance(e, AssertionError) and OFF_ROOT in str(e)):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+        off = _off_groups([o for o in parsed if not o.is_hydra_override()])
+    except Exception:  # the line is a courtesy: never a second error
+        off = {}
+    if not off:
+        return "an override sets a key under an optional group that is off (null): choose the group's option first"
+    group, keys = next(iter(off.items()))
+    return (f"{', '.join(keys)}: no {group}= is chosen (it is off), so it has no such key; "
+            f"choose one first, e.g. {group}=<option> (`ltbench train --help` lists them)")
+
+
+def _off_groups(plain: list) -> dict[str, list[str]]:
+    """The optional groups (``semi``, ``method``, ...) that are null in the config composed without the
+    ``group.key=value`` overrides, each with those of its keys that the overrides set."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.types import OverrideType
+
+    groups = set(_group_names())
+    keyed = [o for o in plain if o.type == OverrideType.CHANGE and o.key_or_group.split(".")[0] in groups
+             and "." in o.key_or_group]  # fmt: skip
+    if not keyed:
+        return {}
+    GlobalHydra.instance().clear()  # the failed app leaves it initialised
+    with initialize_config_module("ltbench.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[o.input_line for o in plain if o not in keyed and not o.is_sweep_override()])
+    off: dict[str, list[str]] = {}
+    for o in keyed:
+        root = o.key_or_group.split(".")[0]
+        if cfg.get(root) is None:
+            off.setdefault(root, []).append(o.input_line)
+    return off
 
 
 def _key_matches(key: str, node, prefix: str) -> str:
@@ -466,6 +511,14 @@ def _refused_by_sweep_config(plain: list, groups: set[str]) -> list:
                 if not hit:
                     break
                 moved.append(hit[-1])
+            except AssertionError as e:  # semi.threshold=... with semi swept: null in the sweep's config
+                if OFF_ROOT not in str(e):
+                    raise
+                base = compose("train", overrides=[o.input_line for o in plain if o not in candidates])
+                hit = [o for o in candidates if o not in moved and base.get(o.key_or_group.split(".")[0]) is None]
+                if not hit:
+                    break
+                moved.extend(hit)
     return moved
 
 

@@ -1,0 +1,45 @@
+"""The methods of issue 20 from the command line: one ``--multirun`` sweep over them on tiny data, each job a real
+run, then the report over the sweep; and the one-line error for a key of an optional group that is off."""
+
+import json
+
+import pytest
+from conftest import SMOKE, make_cifar
+from omegaconf import OmegaConf
+from test_e2e import ltbench
+
+SEMI = ["darp", "acr", "simpro"]  # CReST+ has a stage of generations: tests/test_crest.py runs it
+LABELS = {"darp": "+FixMatch+DARP", "acr": "+FixMatch+ACR", "simpro": "+SimPro"}
+EXTRA = {"darp": "pseudo_labels", "acr": "acr", "simpro": "simpro"}
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_semi_supervised_methods_runs_each_and_reports_them(tmp_path):
+    """``semi.threshold=0.1`` exists only under a chosen ``semi``: the sweep's own config (semi swept, so null) would
+    refuse it; ltbench routes it to the jobs, each of which has it."""
+    root = make_cifar(tmp_path / "data", 10, train_per_class=40, test_per_class=4)
+    r = ltbench(
+        "train", "--multirun", *SMOKE, "dataset=cifar10lt_ssl", f"dataset.root={root}", "dataset.download=false",
+        "dataset.max_labeled=16", "dataset.max_unlabeled=20", "dataset.imbalance_ratio=4", "dataset.unlabeled_ratio=4",
+        "dataset.val_per_class=2", "schedule.batch_size=16", "semi.threshold=0.1",
+        f"semi={','.join(SEMI)}", f"results_dir={tmp_path / 'res'}", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("metrics.json")]
+    assert len(recs) == len(SEMI) and all(m["status"] == "completed" for m in recs)
+    by = {next(k for k, v in LABELS.items() if v + " (" in m["label"]): m for m in recs}
+    assert sorted(by) == sorted(SEMI)
+    for path in (tmp_path / "res").rglob("config.yaml"):
+        semi = OmegaConf.load(path).semi
+        assert semi.threshold == 0.1 and EXTRA[semi.name] in by[semi.name] and by[semi.name]["num_unlabeled"] > 0
+    r = ltbench("report", str(tmp_path / "res"), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (tmp_path / "res" / "report.md").read_text()
+    assert all(f"ce{label} (U 20 max, ratio 4)" in md for label in LABELS.values())
+
+
+def test_a_key_of_an_optional_group_that_is_off_is_one_line(tmp_path):
+    r = ltbench("train", *SMOKE, "semi.threshold=0.1", f"results_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "semi.threshold=0.1: no semi= is chosen" in r.stderr and "semi=<option>" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-started

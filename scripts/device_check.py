@@ -57,7 +57,7 @@ TABLE = "cifar10lt_ldam"
 # The rows of the table in the order they are worth device time: the baseline, the paper's method, the two
 # loss-side corrections, the decoupled classifier; then the rest of the table.
 PRIORITY = ["ce", "ldam_drw", "logit_adjust", "balanced_softmax", "crt", "ce_drw", "ldam", "focal", "cb_sigmoid_focal",
-            "tau_norm", "lws", "posthoc_la", "mislas", "glmc", "glmc_r10"]  # fmt: skip
+            "tau_norm", "lws", "posthoc_la", "mislas", "glmc", "glmc_r10", "balpoe"]  # fmt: skip
 STEPS = ("data", "throughput", "packing", "foundation", "loading", "reproduce", "environment")
 SKIPPED_DEADLINE = "skipped, deadline"
 BENCH_SHARE = 0.15  # of the deadline, the box of each benchmark step (1 and 2); the reproduction has the rest

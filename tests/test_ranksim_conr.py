@@ -343,3 +343,30 @@ def test_the_agedb_presets_are_the_reference_commands(compose_dir):
         s = cfg.schedule
         assert (cfg.dataset.name, cfg.model.name, cfg.loss.name, cfg.select) == ("agedb_dir", "resnet50", "l1", "val")
         assert (s.optimizer, s.batch_size, s.lr, s.epochs, s.milestone_epochs) == ("adam", 64, 2.5e-4, epochs, [60, 80])
+
+
+def test_the_imdbwiki_and_stsb_presets_are_the_reference_commands(compose_dir):
+    """experiment=ranksim_imdbwiki: ranksim imdb-wiki-dir/README.md (batch 256, lr 1e-3, gamma 100, lambda 2, SQINV);
+    experiment=ranksim_stsb: sts-b-dir/README.md + train.py defaults (gamma 3e-4, lambda 2, batch 16, lr 2.5e-4,
+    MSE); experiment=conr_imdbwiki: ConR imdb-wiki-dir/README.md + train.py (batch 64, lr 2.5e-4, 90 epochs); each
+    tests the best validation checkpoint. ``method=<x>_fds`` on a preset keeps its settings and adds FDS."""
+    r = to_schema(compose_dir("experiment=ranksim_imdbwiki"))
+    s, m = r.schedule, r.method
+    assert (r.dataset.name, r.model.name, r.loss.name, r.reweight.name, r.select) == ("imdbwiki_dir", "resnet50", "l1",
+                                                                                      "sqinv", "val")  # fmt: skip
+    assert (m.name, m.gamma, m.interpolation_lambda, m.fds) == ("ranksim", 100, 2, None)
+    assert (s.optimizer, s.batch_size, s.lr, s.epochs, s.milestone_epochs, s.weight_decay) == ("adam", 256, 1e-3, 90,
+                                                                                               [60, 80], 0)  # fmt: skip
+    t = to_schema(compose_dir("experiment=ranksim_stsb", "method=ranksim_fds"))
+    assert (t.dataset.name, t.loss.name, t.reweight.name, t.select) == ("stsb_dir", "mse", "none", "val")
+    assert (t.method.gamma, t.schedule.batch_size, t.schedule.lr, t.schedule.weight_decay) == (3e-4, 16, 2.5e-4, 1e-5)
+    assert (t.method.fds.ks, t.method.fds.sigma, t.method.fds.clip, t.method.fds.bucket_num) == (5, 2, [0.5, 2.0], 50)
+    c = to_schema(compose_dir("experiment=conr_imdbwiki", "method=conr_fds"))
+    assert (c.dataset.name, c.reweight.name, c.select, c.method.beta, c.method.window, c.method.e) == (
+        "imdbwiki_dir", "none", "val", 4, 1, 0.01)  # fmt: skip
+    cs = c.schedule
+    assert (cs.batch_size, cs.lr, cs.epochs, cs.milestone_epochs) == (64, 2.5e-4, 90, [60, 80])
+    assert (c.method.fds.bucket_start, c.method.fds.bucket_num) == (0, 100)
+    a = to_schema(compose_dir("experiment=ranksim_agedb", "method=ranksim_fds"))
+    af = a.method.fds
+    assert (a.method.gamma, a.schedule.batch_size, af.bucket_start, af.bucket_num) == (100, 64, 3, 100)

@@ -34,8 +34,13 @@ Settings (the reference's AgeDB command, ``train.py --conr -w 1.0 --beta 4.0 -e 
 units: years on AgeDB), ``beta`` 4, ``e`` 0.01, ``temperature`` 0.07: ``ConR`` overrides its ``t`` argument with
 0.07 on its first line, so the ``-t 0.2`` of ``agedb-dir/README.md`` and of its argparse never takes effect.
 
-FDS is a ``method=`` option too and there is one ``method`` section, so ``method=conr`` cannot be combined with FDS;
-synthesis (``synth=``) is refused, as mixed samples have no single label.
+With FDS (``method=conr_fds``: the ``method.fds`` section, FDS's settings as ``method=fds`` has them, each
+overridable as ``method.fds.ks=9``; null in ``method=conr``), as the reference's ``train.py --fds`` does: view 0's
+features are calibrated by FDS before the head (from ``start_smooth`` on) and feed FDS's statistics (uncalibrated);
+the ConR views are not calibrated (the reference's ``model(imgs_c, ..., reg=False)`` skips ``FDS.smooth``), so ConR
+contrasts their raw features and its predictions come from them. With ``views=1`` (no reference), ConR takes view
+0's calibrated features and the predictions made from them. Synthesis (``synth=``) is refused, as mixed samples have
+no single label.
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltbench.config import MethodConfig
+from ltbench.config import MethodConfig, added
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
-from ltbench.methods import METHODS, Extension, Method
-from ltbench.methods.ranksim import FeatureNet
+from ltbench.methods import METHODS, Method
+from ltbench.methods.dir import FDSConfig
+from ltbench.methods.ranksim import FeatureRegularizer, check_feature_regularizer
 
 if TYPE_CHECKING:
     from ltbench.contracts import StageContext
@@ -100,6 +106,8 @@ class ConRConfig(MethodConfig):
     temperature: float = 0.07  # the value the reference's ConR() uses (it overrides its t argument)
     e: float = 0.01  # pushing power: negatives weighted by exp(e |y_i - y_j|) (-e)
     views: int = 2  # 2: ConR on two more views of every sample (the reference); 1: on the regression view
+    # FDS between the features and the head of the regression view (method=conr_fds fills it); null: no FDS
+    fds: FDSConfig | None = added(None)
 
     def __post_init__(self) -> None:
         ok = self.beta >= 0 and self.window >= 0 and self.temperature > 0 and self.e >= 0
@@ -110,29 +118,22 @@ class ConRConfig(MethodConfig):
     reads = ("images", "features")  # it makes its views of stored images or feature vectors
 
     def check(self, root: Any) -> None:
-        if root.synth.name != "none":  # mixed or synthetic samples have no single label to contrast by
-            raise ConfigError(f"method={self.name} does not combine with synth={root.synth.name}")
-        if getattr(root, "semi", None) is not None:
-            raise ConfigError(f"method={self.name} does not combine with semi={root.semi.name}")
+        check_feature_regularizer(self, root)
 
 
 @METHODS.register("conr", ConRConfig)
-class ConR(Extension):
+class ConR(FeatureRegularizer):
     """The run's loss on view 0 plus ``beta`` x ConR on views 1 and 2 (``views=2``) or on view 0 (``views=1``), on
     top of the stage's supervised method; the views go through the network in one batch."""
 
     inputs = "raw"  # the feed hands over the stored samples; the method makes and normalises its views
 
     def __init__(self, cfg: ConRConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
-        super().__init__(base, "method=conr")
-        self.cfg = cfg
+        super().__init__(cfg, ctx, model, base, "method=conr")
         self.center, self.scale = float(ctx.stats.center), float(ctx.stats.scale)
         self.kind, self.mean, self.std = ctx.data.kind, ctx.data.mean, ctx.data.std
         self.dir_files = ctx.data.kind == "files" and ctx.data.transforms is not None  # AgeDB-DIR, IMDB-WIKI-DIR
         self.augment, self.size = ctx.cfg.augment, getattr(ctx.cfg.dataset, "image_size", None)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return FeatureNet(model)
 
     def view(self, x: Tensor, gen: torch.Generator) -> Tensor:
         """One training view of the raw batch, as the feed makes it: feature vectors as they are; DIR's image files
@@ -154,11 +155,13 @@ class ConR(Extension):
     def step(self, net: nn.Module, batch: Batch, ep: Epoch) -> tuple[Tensor, dict[str, Tensor]]:
         base, cfg, y, n = self.base, self.cfg, batch.y, len(batch)
         views = [self.view(batch.x, ep.gen) for _ in range(1 if cfg.views == 1 else 3)]
+        bins, smooth = self.fds_bins(y, ep)  # FDS calibrates view 0 only (the first n samples)
         with autocast(batch.x.device, ep.amp):
-            out, feats = net(torch.cat(views) if len(views) > 1 else views[0])
+            out, feats, head_feats = net(torch.cat(views) if len(views) > 1 else views[0], smooth)
+        self.fds_observe(feats, bins, ep)
         loss = base.loss_fn(out[:n], y, base.weight)  # type: ignore[attr-defined]
         w = base.loss_fn.sample_weights(y, base.weight)  # type: ignore[attr-defined]
-        c_out, c_feats = (out, feats) if cfg.views == 1 else (out[n:], feats[n:])
+        c_out, c_feats = (out, head_feats) if cfg.views == 1 else (out[n:], feats[n:])
         k = len(c_out) // n
         preds = c_out.detach().reshape(len(c_out), -1)[:, 0].float() * self.scale + self.center  # the label scale
         reg = conr_loss(c_feats, y.repeat(k), preds, None if w is None else w.repeat(k), cfg.window, cfg.temperature,

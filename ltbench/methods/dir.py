@@ -313,16 +313,22 @@ class FDSNet(nn.Module):
         return self.model.head(g), f
 
 
+def build_fds(cfg: FDSConfig, ctx: StageContext, model: nn.Module) -> tuple[FDS, Any]:
+    """The FDS statistics of a stage and its target -> bucket map: ``method=fds``'s, and ``method.fds`` of
+    ``method=ranksim_fds`` / ``conr_fds`` (a method that keeps the FDS as its attribute ``fds`` checkpoints it)."""
+    cfg.resolve(str(getattr(ctx.data, "name", "")), ctx.stats.num_bins)  # already resolved when composed
+    start, num = int(cfg.bucket_start or 0), int(cfg.bucket_num or 1)
+    return FDS(cfg, model.feature_dim, num - start), bucket_map(ctx.stats.bin_of, start, num)
+
+
 @METHODS.register("fds", FDSConfig)
 class FDSMethod(Method):
     """FDS on top of the supervised method of the stage (its loss, re-weighting and synthesis)."""
 
     def __init__(self, cfg: FDSConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
         super().__init__()
-        cfg.resolve(str(getattr(ctx.data, "name", "")), ctx.stats.num_bins)  # already resolved when composed
         self.cfg, self.base = cfg, base
-        self.bin_of = bucket_map(ctx.stats.bin_of, int(cfg.bucket_start or 0), int(cfg.bucket_num or 1))
-        self.fds = FDS(cfg, model.feature_dim, int(cfg.bucket_num or 1) - int(cfg.bucket_start or 0))
+        self.fds, self.bin_of = build_fds(cfg, ctx, model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return FDSNet(model, self.fds)

@@ -27,9 +27,15 @@ M = 1 and a zero term.
 Settings: ``gamma`` 100 and ``interpolation_lambda`` 2 (the README commands of every dataset of the reference;
 its ``train.py`` defaults are 0 and 1). The reference trains AgeDB-DIR with batch 64 and lr 2.5e-4 for RankSim.
 
-FDS is a ``method=`` option too and there is one ``method`` section, so ``method=ranksim`` cannot be combined with
-FDS (the paper's "+ FDS" rows); synthesis (``synth=``) is refused, as its mixed batches have no single label per
-sample.
+With FDS (``method=ranksim_fds``: the ``method.fds`` section, FDS's settings as ``method=fds`` has them, every one
+overridable as ``method.fds.ks=9``; null in ``method=ranksim``): the features go through FDS's calibration before the
+head (:class:`ltbench.methods.dir.FDS`: per-bucket statistics of the epoch's uncalibrated features, from
+``start_smooth`` on the training features re-calibrated), and RankSim regularises the calibrated features the head
+reads. That is the reference's semantics: its ``FDS.smooth`` (``agedb-dir/resnet.py``) writes the calibrated values
+into the ``encoding`` tensor in place, so the ``encoding`` that ``forward`` returns to the regulariser is the
+calibrated one from ``start_smooth`` on (the raw one before). FDS's statistics are buffers of this method and of the
+trained network: checkpointed, a resumed run is identical. Synthesis (``synth=``) is refused, as its mixed batches
+have no single label per sample.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltbench.config import MethodConfig
+from ltbench.config import MethodConfig, added
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.methods import METHODS, Extension, Method
+from ltbench.methods.dir import FDS, FDSConfig, build_fds
 
 if TYPE_CHECKING:
     from ltbench.contracts import StageContext
@@ -110,6 +117,8 @@ class RankSimConfig(MethodConfig):
     name: str = "ranksim"
     gamma: float = 100.0  # weight of the regulariser (the reference's --regularization_weight)
     interpolation_lambda: float = 2.0  # blackbox interpolation strength (the reference's --interpolation_lambda)
+    # FDS between the features and the head (method=ranksim_fds fills it with FDS's settings); null: no FDS
+    fds: FDSConfig | None = added(None)
 
     def __post_init__(self) -> None:
         if not self.gamma >= 0 or not self.interpolation_lambda > 0:
@@ -118,39 +127,99 @@ class RankSimConfig(MethodConfig):
     tasks = ("regression",)  # it ranks by label distance
 
     def check(self, root: Any) -> None:
-        if root.synth.name != "none":  # mixed or synthetic samples have no single label to rank by
-            raise ConfigError(f"method={self.name} does not combine with synth={root.synth.name}")
-        if getattr(root, "semi", None) is not None:
-            raise ConfigError(f"method={self.name} does not combine with semi={root.semi.name}")
+        check_feature_regularizer(self, root)
+
+
+def check_feature_regularizer(cfg: Any, root: Any) -> None:
+    """RankSim's and ConR's cross-section rules: no synthesis, no semi-supervised method; ``cfg.fds`` resolved to the
+    DIR reference's settings for the dataset (FDS's own check)."""
+    if root.synth.name != "none":  # mixed or synthetic samples have no single label to rank or contrast by
+        raise ConfigError(f"method={cfg.name} does not combine with synth={root.synth.name}")
+    if getattr(root, "semi", None) is not None:
+        raise ConfigError(f"method={cfg.name} does not combine with semi={root.semi.name}")
+    if cfg.fds is not None:
+        cfg.fds.check(root)
 
 
 class FeatureNet(nn.Module):
-    """The model as the stage trains it under a feature regulariser: ``forward(x)`` -> (outputs, features)."""
+    """The model as the stage trains it under a feature regulariser: ``forward(x, bins)`` -> (outputs, features,
+    head features). ``features`` are the model's; with FDS (``fds``) and ``bins`` (the FDS buckets of the first
+    ``len(bins)`` samples) those samples' features are calibrated before the head, the others' pass as they are;
+    ``head features`` is what the head read (``features`` when nothing is calibrated)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fds: FDS | None = None) -> None:
         super().__init__()
         self.model = model
+        if fds is not None:  # no FDS: no extra entries in the state dict (checkpoints of method=ranksim unchanged)
+            self.fds = fds
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bins: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         f = self.model.features(x)
-        return self.model.head(f), f
+        g = f
+        if bins is not None:
+            n = len(bins)
+            g = self.fds.calibrate(f[:n], bins)
+            g = torch.cat([g, f[n:]]) if n < len(f) else g
+        return self.model.head(g), f, g
+
+
+class FeatureRegularizer(Extension):
+    """Base of RankSim and ConR: the stage's supervised method, the model as a :class:`FeatureNet` and, with
+    ``cfg.fds``, FDS (the ``fds`` buffers, updated at the end of every epoch as ``method=fds`` does)."""
+
+    def __init__(self, cfg: Any, ctx: StageContext, model: nn.Module, base: Method | None, what: str) -> None:
+        super().__init__(base, what)
+        self.cfg = cfg
+        self.fds: FDS | None = None
+        if cfg.fds is not None:
+            self.fds, self.bin_of = build_fds(cfg.fds, ctx, model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return FeatureNet(model, self.fds)
+
+    def fds_bins(self, y: Tensor, ep: Epoch) -> tuple[Tensor | None, Tensor | None]:
+        """(the FDS buckets of ``y``, those buckets when this epoch calibrates): (None, None) without FDS."""
+        if self.fds is None:
+            return None, None
+        bins = self.bin_of(y)
+        return bins, bins if ep.index >= self.cfg.fds.start_smooth else None
+
+    def fds_observe(self, feats: Tensor, bins: Tensor | None, ep: Epoch) -> None:
+        """Add the (uncalibrated) features of the batch's samples to the epoch's FDS statistics."""
+        if self.fds is not None and bins is not None and ep.index >= self.cfg.fds.start_update:
+            self.fds.accumulate(feats[: len(bins)], bins)
+
+    def on_epoch_start(self, ep: Epoch) -> None:
+        super().on_epoch_start(ep)
+        if self.fds is not None:
+            self.fds.reset_sums()
+
+    def on_epoch_end(self, ep: Epoch) -> None:
+        if self.fds is not None and ep.index >= self.cfg.fds.start_update:
+            self.fds.update(first=ep.index == self.cfg.fds.start_update)
+
+    def row_extras(self, ep: Epoch) -> dict[str, Any]:
+        extra = {"fds_smooth": ep.index >= self.cfg.fds.start_smooth} if self.fds is not None else {}
+        return {**super().row_extras(ep), **extra}
+
+    def summary(self) -> dict[str, Any]:
+        return {"fds": {"bins_with_statistics": int(self.fds.seen_bins.sum())}} if self.fds is not None else {}
 
 
 @METHODS.register("ranksim", RankSimConfig)
-class RankSim(Extension):
-    """The run's loss plus ``gamma`` x RankSim on the features, on top of the stage's supervised method."""
+class RankSim(FeatureRegularizer):
+    """The run's loss plus ``gamma`` x RankSim on the features the head reads, on top of the stage's supervised
+    method (with FDS: the calibrated features, see the module docstring)."""
 
     def __init__(self, cfg: RankSimConfig, ctx: StageContext, model: nn.Module, base: Method | None) -> None:
-        super().__init__(base, "method=ranksim")
-        self.cfg = cfg
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return FeatureNet(model)
+        super().__init__(cfg, ctx, model, base, "method=ranksim")
 
     def step(self, net: nn.Module, batch: Batch, ep: Epoch) -> tuple[Tensor, dict[str, Tensor]]:
+        bins, smooth = self.fds_bins(batch.y, ep)
         with autocast(batch.x.device, ep.amp):
-            out, feats = net(batch.x)
+            out, feats, head_feats = net(batch.x, smooth)
+        self.fds_observe(feats, bins, ep)
         loss = self.base.loss_fn(out, batch.y, self.base.weight)  # type: ignore[attr-defined]
-        reg = batch_ranksim(feats, batch.y, self.cfg.interpolation_lambda, ep.gen)
+        reg = batch_ranksim(head_feats, batch.y, self.cfg.interpolation_lambda, ep.gen)
         sums = self.base.task.step_sums(out, batch.y)  # type: ignore[attr-defined]
         return loss + self.cfg.gamma * reg, {**sums, "mean_ranksim": reg.detach().double() * len(batch)}

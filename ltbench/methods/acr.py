@@ -15,6 +15,13 @@ log(py^t + 1e-12)``:
   and at the start of the next period tau = tau1 * softmax(KL)[consistent] (far from the consistent anchor: tau
   near tau1, the prior removed twice; close to it: tau near 0). Estimation starts after ``est_epoch`` periods.
 
+``anchors=false`` is ACR-dagger of SimPro (Du et al., ICML 2024, Tables 1-2: "ACR without anchor distributions";
+LeapLabTHU/SimPro ``ACR_d/train.py``): the standard head's pseudo-labels keep the fixed ``adj(tau1)`` for the whole
+run (the reference computes the anchor-driven tau and discards it: ``adjustment_l1 = compute_adjustment_by_py(py_con,
+tau1)``); everything else is ACR's, including the estimate of the unlabeled distribution (kept for the record, it
+changes nothing). ``sh/ACR_d.sh`` runs it with ACR's defaults (mu 1, threshold 0.95, ema_u 0.99, lr 0.03, 250,000
+steps, batch 64) on every dataset, CIFAR-100 included (where SimPro itself takes threshold 0.2).
+
 ``estimate``: ``counts`` (default) makes the batch's estimate the histogram of confident pseudo-labels (the paper);
 ``presence`` is what the reference code computes: ``now_mask[targets_u_b] += mask`` with repeated indices writes
 each class once, so a class counts 1 if a confident pseudo-label names it (on CUDA, which duplicate wins is not
@@ -39,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ltbench.config import added
 from ltbench.core import Batch, Epoch, autocast
 from ltbench.errors import ConfigError
 from ltbench.methods import SEMI
@@ -60,7 +68,11 @@ class ACRConfig(FixMatchConfig):
     est_epoch: int = 5  # estimation in periods with index > est_epoch
     period: int = 500  # steps of ACR's "epoch" (eval_step): the tau update period
     estimate: str = "counts"  # counts | presence
-    label_suffix = "+FixMatch+ACR"
+    anchors: bool = added(True)  # false: ACR-dagger (SimPro's ACR_d), tau fixed at tau1
+
+    @property  # type: ignore[override]
+    def label_suffix(self) -> str:
+        return "+FixMatch+ACR" if self.anchors else "+FixMatch+ACR-dagger"
 
     def check(self, root: Any) -> None:
         super().check(root)
@@ -162,7 +174,7 @@ class ACR(FixMatch):
         self.steps += 1
         period = t // cfg.period
         if t % cfg.period == 0:
-            if period > cfg.est_epoch:
+            if period > cfg.est_epoch and cfg.anchors:  # ACR-dagger: tau stays tau1
                 self.update_tau()
             self.count_kl.zero_()
         self._net[:] = [net]

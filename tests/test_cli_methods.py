@@ -43,3 +43,25 @@ def test_a_key_of_an_optional_group_that_is_off_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "semi.threshold=0.1: no semi= is chosen" in r.stderr and "semi=<option>" in r.stderr
     assert not any(tmp_path.iterdir())  # nothing half-started
+
+
+@pytest.mark.slow
+def test_cossl_from_the_command_line_warms_its_teacher_and_reports_it(tmp_path):
+    """``semi=cossl`` on tiny data from the CLI: co-learning from epoch 1 of 2 (``semi.warmup=0.5``), so the run's
+    second epoch trains the teacher after the TFE warm-up and the EMA network's teacher head is the one tested."""
+    root = make_cifar(tmp_path / "data", 10, train_per_class=40, test_per_class=4)
+    r = ltbench(
+        "train", *SMOKE, "dataset=cifar10lt_ssl", f"dataset.root={root}", "dataset.download=false",
+        "dataset.max_labeled=16", "dataset.max_unlabeled=20", "dataset.imbalance_ratio=4", "dataset.unlabeled_ratio=4",
+        "dataset.val_per_class=2", "schedule.batch_size=16", "semi=cossl", "semi.warmup=0.5",
+        "semi.tfe_warm_epochs=1", "semi.tfe_warm_iters=4", "semi.tfe_warm_bs=8", f"results_dir={tmp_path / 'res'}",
+        cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = (tmp_path / "res").rglob("metrics.json")
+    m = json.loads(path.read_text())
+    assert m["status"] == "completed" and m["cossl_boundary_epoch"] == 1 and m["cossl_teacher"] is True
+    assert m["cossl_tfe_set"] == [max(m["train_class_counts"])] * 10 and m["num_unlabeled"] > 0
+    r = ltbench("report", str(tmp_path / "res"), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ce+FixMatch+CoSSL (U 20 max, ratio 4)" in (tmp_path / "res" / "report.md").read_text()

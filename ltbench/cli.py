@@ -303,17 +303,24 @@ def _report(argv: list[str]) -> None:
 def _strategies(argv: list[str]) -> None:
     from rich.table import Table
 
-    from ltbench.presets import list_strategies
+    from ltbench.presets import list_methods, list_strategies
 
-    argparse.ArgumentParser(prog="ltbench strategies", description="List the strategy presets.").parse_args(argv)
-    t = Table(title="strategies (ltbench train strategy=<name>)")
-    t.add_column("name", style="bold")
-    t.add_column("task")
-    t.add_column("what it does")
-    t.add_column("reference", style="dim")
-    for s in list_strategies():
-        t.add_row(s.name, ", ".join(s.tasks), s.summary, s.reference)
-    Console().print(t)
+    argparse.ArgumentParser(
+        prog="ltbench strategies", description="List the strategy presets, the semi-supervised methods and the "
+        "feature regularisers, each with its paper."
+    ).parse_args(argv)  # fmt: skip
+    titles = {
+        "strategy": "strategies (ltbench train strategy=<name>)",
+        "semi": "semi-supervised methods (semi=<name>, on a strategy's supervised loss; dataset=*_ssl)",
+        "method": "feature regularisers (method=<name>, on a strategy's loss and re-weighting)",
+    }
+    for group, title in titles.items():
+        t = Table(title=title)
+        for col, style in (("name", "bold"), ("task", None), ("what it does", None), ("reference", "dim")):
+            t.add_column(col, style=style)
+        for s in list_strategies() if group == "strategy" else [m for m in list_methods() if m.group == group]:
+            t.add_row(s.name, ", ".join(s.tasks), s.summary, s.reference)
+        Console().print(t)
 
 
 def _data(argv: list[str]) -> None:

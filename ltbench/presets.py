@@ -11,17 +11,20 @@ from omegaconf import OmegaConf
 
 @dataclass
 class Preset:
-    """A strategy preset; ``tasks`` from its ``# task:`` header line (default: classification)."""
+    """A preset of a config group (``strategy``, ``semi``, ``method``) with the ``# summary:`` and ``# reference:``
+    lines of its header; ``tasks`` from its ``# task:`` line (default: classification)."""
 
     name: str
     summary: str
     reference: str
     tasks: tuple[str, ...] = ("classification",)
+    group: str = "strategy"
 
 
-def list_strategies() -> list[Preset]:
+def list_presets(group: str = "strategy", described: bool = False) -> list[Preset]:
+    """The options of ``conf/<group>`` in name order; ``described``: only those with a ``# summary:`` line."""
     out = []
-    folder = resources.files("ltbench.conf") / "strategy"
+    folder = resources.files("ltbench.conf") / group
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".yaml"):
             continue
@@ -30,9 +33,22 @@ def list_strategies() -> list[Preset]:
             for key in fields:
                 if line.startswith(f"# {key}:"):
                     fields[key] = line.split(":", 1)[1].strip()
+        if described and not fields["summary"]:
+            continue
         tasks = tuple(t.strip() for t in fields["task"].split(","))
-        out.append(Preset(entry.name[: -len(".yaml")], fields["summary"], fields["reference"], tasks))
+        out.append(Preset(entry.name[: -len(".yaml")], fields["summary"], fields["reference"], tasks, group))
     return out
+
+
+def list_strategies() -> list[Preset]:
+    return list_presets("strategy")
+
+
+def list_methods() -> list[Preset]:
+    """What ``ltbench strategies`` lists beside the strategies: every ``semi=`` option (on a strategy's supervised
+    loss) and the ``method=`` options that no strategy preset names but that carry a summary (RankSim, ConR: on a
+    strategy's loss and re-weighting)."""
+    return list_presets("semi") + list_presets("method", described=True)
 
 
 def group_options() -> dict[str, list[str]]:

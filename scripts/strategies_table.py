@@ -1,7 +1,8 @@
-"""Print the README's strategy tables (markdown, one per task) from the presets in conf/strategy.
+"""Print the README's strategy tables (markdown, one per task) from the presets in conf/strategy, and the table of
+the semi-supervised methods and feature regularisers (conf/semi, conf/method) that `ltbench strategies` lists too.
 
-python scripts/strategies_table.py                 # both tables
-python scripts/strategies_table.py regression      # one
+python scripts/strategies_table.py                 # all three tables
+python scripts/strategies_table.py regression      # one (classification | regression | methods)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-from ltbench.presets import list_strategies
+from ltbench.presets import list_methods, list_strategies
 
 
 def preset_diff(name: str) -> str:
@@ -29,8 +30,15 @@ def table(task: str = "classification") -> str:
     return "\n".join(rows)
 
 
+def methods_table() -> str:
+    rows = ["| option | task | what it does | reference |", "|---|---|---|---|"]
+    for p in list_methods():
+        rows.append(f"| `{p.group}={p.name}` | {', '.join(p.tasks)} | {p.summary} | {p.reference} |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     import sys
 
-    for t in sys.argv[1:] or TASKS:
-        print(f"{t}:\n\n{table(t)}\n")
+    for t in sys.argv[1:] or (*TASKS, "methods"):
+        print(f"{t}:\n\n{methods_table() if t == 'methods' else table(t)}\n")

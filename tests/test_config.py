@@ -42,6 +42,22 @@ def test_required_presets_exist():
     assert all(p.summary and p.reference for p in list_strategies())
 
 
+def test_every_semi_and_method_option_is_listed_with_its_paper():
+    """``ltbench strategies`` lists the strategies, every ``semi=`` option and every ``method=`` option no strategy
+    preset names (each must then carry its own summary and reference, as a strategy does)."""
+    from importlib import resources
+
+    from ltbench.presets import list_methods, list_presets
+
+    conf = resources.files("ltbench.conf")
+    named = {ln.split(":", 1)[1].strip() for e in (conf / "strategy").iterdir() if e.name.endswith(".yaml")
+             for ln in e.read_text().splitlines() if ln.strip().startswith("- override /method:")}  # fmt: skip
+    listed = {(m.group, m.name) for m in list_methods() if m.summary and m.reference}
+    assert {("semi", p.name) for p in list_presets("semi")} <= listed
+    unnamed = {p.name for p in list_presets("method")} - named
+    assert unnamed and {("method", n) for n in unnamed} <= listed, unnamed
+
+
 def test_defaults_are_the_reference_recipe(cfg_of):
     c = to_schema(cfg_of())
     assert isinstance(c, TrainConfig)

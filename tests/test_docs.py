@@ -12,6 +12,7 @@ def test_readme_strategy_table_matches_presets():
     readme = (REPO / "README.md").read_text()
     for task in mod.TASKS:
         assert mod.table(task) in readme, f"run scripts/strategies_table.py {task} and update the README"
+    assert mod.methods_table() in readme, "run scripts/strategies_table.py methods and update the README"
 
 
 def test_readme_mentions_the_two_setup_commands():
@@ -55,3 +56,23 @@ def test_readme_adding_a_method_example_works(tmp_path):
     value = loss(torch.randn(8, 3), torch.randint(0, 3, (8,)), torch.tensor([0.2, 1.0, 2.0]))
     value.backward()
     assert value.item() > 0 and loss.scale.grad is not None
+
+
+def test_readme_configuration_table_lists_every_option_of_every_group():
+    """Each row of the README's group table names every option of its group (``conf/<group>/``), and no other."""
+    import re
+
+    from ltbench.presets import group_options
+
+    readme = (REPO / "README.md").read_text().split("## Configuration", 1)[1].split("Top-level keys", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+)` \| (.*?) \|", readme, re.M)}
+    groups = {g: o for g, o in group_options().items() if o and g != "strategy"}  # strategies: their own tables
+    groups |= {f"hydra/{g}": group_options_of(f"hydra/{g}") for g in ("launcher", "sweeper")}
+    for g, options in groups.items():
+        named = set(re.findall(r"`(\w+)`", rows.get(g, "")))
+        missing, extra = set(options) - named, named - set(options)
+        assert not missing and not extra, f"README group table, {g}: missing {missing}, extra {extra}"
+
+
+def group_options_of(path: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / path).glob("*.yaml"))

@@ -275,12 +275,23 @@ def test_cli_help_and_listing(tmp_path):
     assert r.returncode == 0 and "strategy=ldam_drw" in r.stdout.split()
 
 
-def test_cli_strategies_and_a_missing_report_directory_in_process(tmp_path, capsys):
+def test_cli_strategies_and_a_missing_report_directory_in_process(tmp_path, capsys, monkeypatch):
     """The commands that need no Hydra app run in this process (a subprocess costs seconds of imports)."""
     from ltbench.cli import main
 
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row: each name beside its paper
     main(["strategies"])
-    assert "ldam_drw" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # issue 20's methods, each with its paper: strategies, semi-supervised methods and feature regularisers
+    for name, paper in [("ldam_drw", "Cao et al. 2019"), ("paco", "Cui et al. 2021"), ("sade", "Zhang et al."),
+                        ("balpoe", "Sanchez Aimar et al. 2023"), ("glmc", "Du et al. 2023"),
+                        ("darp", "Kim et al. 2020"),
+                        ("crest_plus", "Wei et al. 2021"), ("cossl", "Fan et al. 2022"), ("acr", "Wei & Gan 2023"),
+                        ("simpro", "Du et al. 2024"), ("ranksim", "Gong et al. 2022"),
+                        ("conr", "Keramati et al. 2024")]:  # fmt: skip
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"│ {name} ")), "")
+        assert paper in line, (name, line)
+    assert "semi=<name>" in out and "method=<name>" in out
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "empty")])
     assert e.value.code == 2 and "no such directory" in capsys.readouterr().err

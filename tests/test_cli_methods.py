@@ -65,3 +65,56 @@ def test_cossl_from_the_command_line_warms_its_teacher_and_reports_it(tmp_path):
     r = ltbench("report", str(tmp_path / "res"), "--no-plots", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ce+FixMatch+CoSSL (U 20 max, ratio 4)" in (tmp_path / "res" / "report.md").read_text()
+
+
+SCRATCH = ["paco", "gpaco", "sade", "balpoe", "glmc"]  # issue 20's from-scratch methods, as strategies
+
+
+@pytest.mark.slow
+def test_a_sweep_over_the_from_scratch_methods_runs_each_and_reports_them(tmp_path):
+    """PaCo, GPaCo, SADE, BalPoE and GLMC in one ``--multirun`` on tiny CIFAR-10-LT, then the report: each job a
+    completed run with its own group metrics, each a row of the report."""
+    root = make_cifar(tmp_path / "data", 10, train_per_class=40, test_per_class=4)
+    r = ltbench(
+        "train", "--multirun", *SMOKE, f"dataset.root={root}", "dataset.download=false", "dataset.imbalance_ratio=10",
+        "schedule.batch_size=32", f"strategy={','.join(SCRATCH)}", f"results_dir={tmp_path / 'res'}", cwd=tmp_path,
+        timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {m["strategy"]: m for m in (json.loads(p.read_text()) for p in (tmp_path / "res").rglob("metrics.json"))}
+    assert sorted(recs) == sorted(SCRATCH) and all(m["status"] == "completed" for m in recs.values())
+    assert all(m["group_sizes"] == {"many": 3, "medium": 4, "few": 3} for m in recs.values())
+    r = ltbench("report", str(tmp_path / "res"), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (tmp_path / "res" / "report.md").read_text()
+    assert all(f"| {m['label']} " in md for m in recs.values()), md
+
+
+REGULARISERS = ["ranksim", "ranksim_fds", "conr", "conr_fds"]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_ranksim_and_conr_with_and_without_fds_on_a_reweighting(tmp_path):
+    """RankSim and ConR, each with and without FDS, on SQINV + LDS from the CLI (``experiment=synthetic_dir``): each
+    job completes with its regulariser's term logged and FDS's calibration on from ``start_smooth`` where chosen."""
+    r = ltbench(
+        "train", "--multirun", "experiment=synthetic_dir", "progress=false", "device=cpu", "schedule.epochs=2",
+        "dataset.num_train=256", "dataset.num_eval=64", "model.hidden=[16]", "reweight=sqinv", "reweight.lds=true",
+        f"method={','.join(REGULARISERS)}", f"results_dir={tmp_path / 'res'}", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfgs = {p.parent: OmegaConf.load(p.parent / "config.yaml").method for p in (tmp_path / "res").rglob("metrics.json")}
+    runs = {m.name + ("_fds" if m.fds else ""): d for d, m in cfgs.items()}
+    assert sorted(runs) == sorted(REGULARISERS)
+    for name, d in runs.items():
+        assert json.loads((d / "metrics.json").read_text())["status"] == "completed"
+        header, *rows = (d / "epochs.csv").read_text().splitlines()
+        cols = header.split(",")
+        term = name.split("_")[0]  # the regulariser's column: ranksim | conr
+        assert term in cols and all(float(r.split(",")[cols.index(term)]) >= 0 for r in rows)
+        if name.endswith("_fds"):
+            assert [r.split(",")[cols.index("fds_smooth")] for r in rows] == ["False", "True"]
+        else:
+            assert "fds_smooth" not in cols
+    r = ltbench("report", str(tmp_path / "res"), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
